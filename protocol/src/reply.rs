@@ -1,0 +1,222 @@
+//! What the daemon sends back: replies, errors, events and their payloads.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// One line from the daemon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Reply {
+    /// Success; the payload's type depends on the command.
+    Return {
+        /// The command's result.
+        #[serde(rename = "return")]
+        value: Value,
+        /// The request's `id`, if it had one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<Value>,
+    },
+    /// Failure; the connection stays open.
+    Error {
+        /// What went wrong.
+        error: ErrorReply,
+        /// The request's `id`, if one was readable.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<Value>,
+    },
+    /// Something happened that no request asked about.
+    Event(Event),
+}
+
+impl Reply {
+    /// Serialises as one line, without the newline.
+    pub fn to_line(&self) -> String {
+        // Serialising these types cannot fail: every map key is a string.
+        serde_json::to_string(self).unwrap_or_else(|e| {
+            format!(r#"{{"error":{{"class":"GenericError","desc":"reply not serialisable: {e}"}}}}"#)
+        })
+    }
+}
+
+/// QMP-style error classes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorClass {
+    /// Malformed request, or the command failed.
+    GenericError,
+    /// No command of that name.
+    CommandNotFound,
+    /// The command exists but its arguments are wrong.
+    InvalidArguments,
+}
+
+/// The body of an error reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{class:?}: {desc}")]
+pub struct ErrorReply {
+    /// Machine-readable class.
+    pub class: ErrorClass,
+    /// Human-readable description.
+    pub desc: String,
+}
+
+impl ErrorReply {
+    /// An error of `class` saying `desc`.
+    pub fn new(class: ErrorClass, desc: String) -> Self {
+        ErrorReply { class, desc }
+    }
+}
+
+/// Wall-clock time of an event, as QMP writes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timestamp {
+    /// Seconds since the epoch.
+    pub seconds: u64,
+    /// Microseconds within the second.
+    pub microseconds: u32,
+}
+
+impl Timestamp {
+    /// The current time.
+    pub fn now() -> Self {
+        let since_epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Timestamp {
+            seconds: since_epoch.as_secs(),
+            microseconds: since_epoch.subsec_micros(),
+        }
+    }
+}
+
+/// What an event announces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum EventKind {
+    /// A vhost-user frontend connected; `data.id` names it.
+    FrontendConnected,
+    /// A vhost-user frontend went away; its queues were stopped, the RAM kept.
+    FrontendDisconnected,
+    /// The daemon is exiting.
+    Shutdown,
+}
+
+/// An asynchronous event line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Which event.
+    pub event: EventKind,
+    /// Event-specific details.
+    #[serde(default)]
+    pub data: Value,
+    /// When it happened.
+    pub timestamp: Timestamp,
+}
+
+/// `query-status` result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusInfo {
+    /// gmemd's version.
+    pub version: String,
+    /// The daemon's pid (the `<pid>` in the regions' fd paths).
+    pub pid: u32,
+    /// Milliseconds since start.
+    pub uptime_ms: u64,
+    /// The vhost-user socket frontends connect to.
+    pub vhost_user_socket: String,
+    /// vhost-user frontends connected now.
+    pub frontends: Vec<FrontendInfo>,
+}
+
+/// One connected vhost-user frontend.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FrontendInfo {
+    /// Connection number, unique for the daemon's lifetime.
+    pub id: u64,
+    /// The peer's pid from SO_PEERCRED, when the kernel gave one.
+    pub pid: Option<i32>,
+    /// Guest memory regions this frontend's table maps (own regions only).
+    pub mapped_regions: u32,
+    /// Queues this frontend has started.
+    pub started_queues: u32,
+}
+
+/// `query-regions` result entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionInfo {
+    /// The region's id, as given by `--region id=..` (`ram0`.. by default).
+    pub id: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// The path QEMU maps: `/proc/<gmemd pid>/fd/<n>`.
+    pub fd_path: String,
+    /// `memfd`, `memfd-hugetlb` or `file:<path>`.
+    pub backing: String,
+    /// Bytes of the region backed by pages now (from `lseek(SEEK_DATA)`).
+    pub populated_bytes: u64,
+    /// Frontends whose memory table maps this region now.
+    pub mapped_by: u32,
+}
+
+/// `query-device` result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    /// `virtio-blk`.
+    pub kind: String,
+    /// The backing image.
+    pub disk: String,
+    /// Size of the disk in bytes.
+    pub capacity_bytes: u64,
+    /// Whether the device is read-only.
+    pub readonly: bool,
+    /// Requests completed, all queues.
+    pub requests: u64,
+    /// Requests completed with an error status or dropped as malformed.
+    pub errors: u64,
+    /// Per-queue figures.
+    pub queues: Vec<QueueInfo>,
+}
+
+/// One virtqueue's figures.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueInfo {
+    /// Queue index.
+    pub index: u16,
+    /// Whether a worker is running the queue now.
+    pub started: bool,
+    /// Requests completed on this queue.
+    pub requests: u64,
+    /// Requests that failed on this queue.
+    pub errors: u64,
+    /// Bytes the device read from guest RAM (guest writes to disk).
+    pub bytes_from_guest: u64,
+    /// Bytes the device wrote into guest RAM (guest reads from disk).
+    pub bytes_to_guest: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_round_trip() {
+        let replies = [
+            Reply::Return { value: serde_json::json!({"a": 1}), id: None },
+            Reply::Return { value: serde_json::json!({}), id: Some(Value::from(3)) },
+            Reply::Error {
+                error: ErrorReply::new(ErrorClass::CommandNotFound, "x".into()),
+                id: None,
+            },
+            Reply::Event(Event {
+                event: EventKind::FrontendConnected,
+                data: serde_json::json!({"id": 1}),
+                timestamp: Timestamp::now(),
+            }),
+        ];
+        for reply in replies {
+            let line = reply.to_line();
+            assert!(!line.contains('\n'));
+            let back: Reply = serde_json::from_str(&line).expect(&line);
+            assert_eq!(back, reply);
+        }
+    }
+}
