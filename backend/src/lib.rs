@@ -1,0 +1,7 @@
+//! gmemd: an out-of-process guest-memory backend for QEMU.
+//!
+//! The daemon owns the guest's RAM (memfd regions it creates, seals and maps;
+//! QEMU maps the same memory) and serves a vhost-user-blk device whose data
+//! path reads and writes that RAM. See `docs/architecture.md`.
+
+pub mod memory;

@@ -1,0 +1,274 @@
+//! `GuestRegion`: one piece of guest RAM that gmemd creates, seals and maps.
+//!
+//! The region's file is what QEMU maps (through `/proc/<pid>/fd/<n>`), and its
+//! mapping here is the one the device data path reads and writes. Because the
+//! file is sealed against shrink and grow, no frontend can truncate it under
+//! the daemon: a truncation would turn the daemon's own accesses into SIGBUS.
+
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use vm_memory::mmap::MmapRegion;
+use vm_memory::FileOffset;
+
+/// What a region's pages live in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backing {
+    /// An anonymous memfd: freed when the daemon exits.
+    Memfd,
+    /// A memfd on the default hugetlb size.
+    MemfdHugetlb,
+    /// A file on tmpfs or hugetlbfs, so that RAM outlives a daemon restart.
+    File(PathBuf),
+}
+
+impl std::fmt::Display for Backing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Backing::Memfd => f.write_str("memfd"),
+            Backing::MemfdHugetlb => f.write_str("memfd-hugetlb"),
+            Backing::File(path) => write!(f, "file:{}", path.display()),
+        }
+    }
+}
+
+/// How to create one region (`--memory`, `--region size=..,id=..[,hugetlb][,path=..]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegionSpec {
+    /// Name shown on the control socket and used as QEMU's memory-backend id.
+    pub id: String,
+    /// Size in bytes; a multiple of the page (or huge page) size.
+    pub size: u64,
+    /// Where the pages live.
+    pub backing: Backing,
+}
+
+/// Errors creating a region.
+#[derive(Debug, thiserror::Error)]
+pub enum RegionError {
+    /// memfd_create failed.
+    #[error("region {id}: memfd_create: {source}")]
+    Create { id: String, source: io::Error },
+    /// Opening the backing file failed.
+    #[error("region {id}: opening {path}: {source}")]
+    Open { id: String, path: PathBuf, source: io::Error },
+    /// The file could not be sized.
+    #[error("region {id}: setting the size to {size} bytes: {source}")]
+    Size { id: String, size: u64, source: io::Error },
+    /// Sealing failed.
+    #[error("region {id}: sealing against shrink/grow: {source}")]
+    Seal { id: String, source: io::Error },
+    /// Mapping failed.
+    #[error("region {id}: mmap of {size} bytes: {source}")]
+    Map { id: String, size: u64, source: vm_memory::mmap::MmapRegionError },
+    /// The file's identity could not be read.
+    #[error("region {id}: fstat: {source}")]
+    Stat { id: String, source: io::Error },
+    /// A size that cannot be mapped.
+    #[error("region {id}: size {size} is not a non-zero multiple of {page} bytes")]
+    BadSize { id: String, size: u64, page: u64 },
+}
+
+/// (device, inode) of an open file: how a frontend's fd is recognised as ours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FileIdentity {
+    dev: u64,
+    ino: u64,
+}
+
+impl FileIdentity {
+    /// The identity of `file`.
+    pub fn of(file: &File) -> io::Result<Self> {
+        let mut stat = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: `file` is an open fd and `stat` points to writable memory of
+        // the right size; fstat fills it completely on success.
+        let rc = unsafe { libc::fstat(file.as_raw_fd(), stat.as_mut_ptr()) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fstat returned 0, so it initialised `stat`.
+        let stat = unsafe { stat.assume_init() };
+        Ok(FileIdentity { dev: stat.st_dev, ino: stat.st_ino })
+    }
+}
+
+/// One guest RAM region owned by the daemon.
+#[derive(Debug)]
+pub struct GuestRegion {
+    spec: RegionSpec,
+    file: File,
+    identity: FileIdentity,
+    mapping: Arc<MmapRegion>,
+}
+
+const PAGE_SIZE: u64 = 4096;
+const HUGE_PAGE_SIZE: u64 = 2 << 20;
+
+impl GuestRegion {
+    /// Creates, sizes, seals and maps the region described by `spec`.
+    pub fn create(spec: RegionSpec) -> Result<Self, RegionError> {
+        let id = spec.id.clone();
+        let page = match spec.backing {
+            Backing::MemfdHugetlb => HUGE_PAGE_SIZE,
+            _ => PAGE_SIZE,
+        };
+        if spec.size == 0 || !spec.size.is_multiple_of(page) {
+            return Err(RegionError::BadSize { id, size: spec.size, page });
+        }
+        let file = match &spec.backing {
+            Backing::Memfd => create_memfd(&id, 0)?,
+            Backing::MemfdHugetlb => create_memfd(&id, libc::MFD_HUGETLB)?,
+            Backing::File(path) => open_backing_file(&id, path)?,
+        };
+        let current = file.metadata().map_err(|source| RegionError::Stat { id: id.clone(), source })?;
+        if current.len() != spec.size {
+            file.set_len(spec.size)
+                .map_err(|source| RegionError::Size { id: id.clone(), size: spec.size, source })?;
+        }
+        // Only memfds take seals; a tmpfs/hugetlbfs file cannot be sealed, so a
+        // file-backed region relies on the file's permissions instead.
+        if !matches!(spec.backing, Backing::File(_)) {
+            seal_size(&file).map_err(|source| RegionError::Seal { id: id.clone(), source })?;
+        }
+        let identity = FileIdentity::of(&file).map_err(|source| RegionError::Stat { id: id.clone(), source })?;
+        let map_file = file.try_clone().map_err(|source| RegionError::Stat { id: id.clone(), source })?;
+        let size = usize::try_from(spec.size).map_err(|_| RegionError::BadSize { id: id.clone(), size: spec.size, page })?;
+        let mapping = MmapRegion::from_file(FileOffset::new(map_file, 0), size)
+            .map_err(|source| RegionError::Map { id, size: spec.size, source })?;
+        Ok(GuestRegion { spec, file, identity, mapping: Arc::new(mapping) })
+    }
+
+    /// The region's id.
+    pub fn id(&self) -> &str {
+        &self.spec.id
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.spec.size
+    }
+
+    /// What the pages live in.
+    pub fn backing(&self) -> &Backing {
+        &self.spec.backing
+    }
+
+    /// The (device, inode) pair frontends' fds are matched against.
+    pub fn identity(&self) -> FileIdentity {
+        self.identity
+    }
+
+    /// The daemon's one mapping of the region.
+    pub fn mapping(&self) -> &Arc<MmapRegion> {
+        &self.mapping
+    }
+
+    /// The path a frontend on this host opens to map the same memory.
+    pub fn fd_path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/fd/{}", std::process::id(), self.file.as_raw_fd()))
+    }
+
+    /// Bytes backed by pages now (allocated blocks of the file).
+    pub fn populated_bytes(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        self.file.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
+    }
+}
+
+fn create_memfd(id: &str, extra_flags: libc::c_uint) -> Result<File, RegionError> {
+    let err = |source| RegionError::Create { id: id.to_string(), source };
+    let name = CString::new(format!("gmemd-{id}")).map_err(|e| err(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+    let base = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING | extra_flags;
+    // Guest RAM is never executed from the host side: ask for a no-exec memfd
+    // (Linux 6.3+), and fall back to a plain one on older kernels.
+    for flags in [base | libc::MFD_NOEXEC_SEAL, base] {
+        // SAFETY: `name` is a valid NUL-terminated string; memfd_create does
+        // not keep the pointer.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
+        if fd >= 0 {
+            // SAFETY: memfd_create returned a new fd that nothing else owns.
+            return Ok(unsafe { File::from_raw_fd(fd) });
+        }
+        let error = io::Error::last_os_error();
+        if error.raw_os_error() != Some(libc::EINVAL) || flags == base {
+            return Err(err(error));
+        }
+    }
+    Err(err(io::Error::from_raw_os_error(libc::EINVAL)))
+}
+
+fn open_backing_file(id: &str, path: &Path) -> Result<File, RegionError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|source| RegionError::Open { id: id.to_string(), path: path.to_path_buf(), source })
+}
+
+/// Seals the memfd's size for good: shrink and grow are refused to everyone
+/// (frontends included), and no further seals may be added, so a frontend
+/// cannot seal writes away either.
+fn seal_size(file: &File) -> io::Result<()> {
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: F_ADD_SEALS on an owned fd with an integer argument; no memory
+    // is passed to the kernel.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::VolatileMemory;
+
+    fn spec(id: &str, size: u64) -> RegionSpec {
+        RegionSpec { id: id.into(), size, backing: Backing::Memfd }
+    }
+
+    #[test]
+    fn memfd_region_is_sealed_and_shared() {
+        let region = GuestRegion::create(spec("ram0", 1 << 20)).expect("create");
+        assert_eq!(region.size(), 1 << 20);
+        // Sealed: nobody can resize it, not even through a reopened path.
+        let reopened = OpenOptions::new().read(true).write(true).open(region.fd_path()).expect("reopen");
+        assert_eq!(FileIdentity::of(&reopened).expect("stat"), region.identity());
+        assert!(reopened.set_len(4096).is_err(), "shrink must be refused");
+        assert!(reopened.set_len(2 << 20).is_err(), "grow must be refused");
+        // A write through the daemon's mapping is visible through the file.
+        let slice = region.mapping().get_slice(4096, 4).expect("slice");
+        slice.copy_from(&[1u8, 2, 3, 4]);
+        let mut buf = [0u8; 4];
+        std::os::unix::fs::FileExt::read_exact_at(&reopened, &mut buf, 4096).expect("read");
+        assert_eq!(buf, [1, 2, 3, 4]);
+        assert!(region.populated_bytes() >= 4096);
+    }
+
+    #[test]
+    fn rejects_sizes_that_cannot_be_mapped() {
+        assert!(matches!(GuestRegion::create(spec("z", 0)), Err(RegionError::BadSize { .. })));
+        assert!(matches!(GuestRegion::create(spec("odd", 4097)), Err(RegionError::BadSize { .. })));
+    }
+
+    #[test]
+    fn file_backed_region_keeps_content_across_instances() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("ram");
+        let spec = RegionSpec { id: "ram0".into(), size: 1 << 20, backing: Backing::File(path) };
+        let first = GuestRegion::create(spec.clone()).expect("create");
+        first.mapping().get_slice(0, 1).expect("slice").copy_from(&[0xa5u8]);
+        drop(first);
+        let second = GuestRegion::create(spec).expect("reopen");
+        let mut byte = [0u8];
+        second.mapping().get_slice(0, 1).expect("slice").copy_to(&mut byte[..]);
+        assert_eq!(byte, [0xa5]);
+    }
+}
