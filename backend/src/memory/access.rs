@@ -143,7 +143,8 @@ impl<'a> RamAccess<'a> {
             let position = libc::off_t::try_from(offset + done)
                 .map_err(|_| AccessError::Io(io::Error::from_raw_os_error(libc::EOVERFLOW)))?;
             // The batch is at most IOV_MAX long.
-            let count = libc::c_int::try_from(batch.len()).unwrap_or(IOV_MAX as libc::c_int);
+            let count = libc::c_int::try_from(batch.len())
+                .map_err(|_| AccessError::Io(io::Error::from_raw_os_error(libc::EINVAL)))?;
             // SAFETY: every iovec points into a live mapping of guest RAM held
             // by `self.ram` for the duration of the call, and lies within the
             // bounds `get_slices` checked. The kernel reads or writes only
