@@ -5,3 +5,4 @@
 //! path reads and writes that RAM. See `docs/architecture.md`.
 
 pub mod memory;
+pub mod blk;

@@ -14,7 +14,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::GuestRam;
 
@@ -81,20 +81,36 @@ impl<'a> RamAccess<'a> {
         self.iovecs(&[buf]).map(drop)
     }
 
-    /// Reads a plain-data object (a request header, a discard segment).
-    pub fn read_obj<T: ByteValued>(&self, addr: GuestAddress) -> Result<T, AccessError> {
-        let len = std::mem::size_of::<T>() as u64;
-        let value = self.ram.read_obj(addr).map_err(|_| AccessError::NotRam { addr: addr.0, len })?;
-        self.counters.from_guest.fetch_add(len, Ordering::Relaxed);
-        Ok(value)
+    /// Copies guest bytes from `bufs`, in order, into `out` (a request
+    /// header, discard segments). `bufs` must hold exactly `out.len()` bytes.
+    pub fn read_into(&self, bufs: &[GuestBuf], out: &mut [u8]) -> Result<(), AccessError> {
+        let mut done = 0usize;
+        for buf in bufs {
+            let len = buf.len as usize;
+            let chunk = out.get_mut(done..done + len).ok_or(AccessError::NotRam { addr: buf.addr.0, len: len as u64 })?;
+            self.ram.read_slice(chunk, buf.addr).map_err(|_| AccessError::NotRam { addr: buf.addr.0, len: len as u64 })?;
+            done += len;
+        }
+        self.counters.from_guest.fetch_add(done as u64, Ordering::Relaxed);
+        Ok(())
     }
 
-    /// Writes `bytes` (a status byte, a device id) at `addr`.
-    pub fn write_bytes(&self, addr: GuestAddress, bytes: &[u8]) -> Result<(), AccessError> {
-        let len = bytes.len() as u64;
-        self.ram.write_slice(bytes, addr).map_err(|_| AccessError::NotRam { addr: addr.0, len })?;
-        self.counters.to_guest.fetch_add(len, Ordering::Relaxed);
-        Ok(())
+    /// Copies `bytes` into the guest buffers, in order, up to the shorter of
+    /// the two (a status byte, a device id). Returns the bytes written.
+    pub fn write_into(&self, bufs: &[GuestBuf], bytes: &[u8]) -> Result<u64, AccessError> {
+        let mut done = 0usize;
+        for buf in bufs {
+            let len = (buf.len as usize).min(bytes.len() - done);
+            if len == 0 {
+                break;
+            }
+            self.ram
+                .write_slice(&bytes[done..done + len], buf.addr)
+                .map_err(|_| AccessError::NotRam { addr: buf.addr.0, len: len as u64 })?;
+            done += len;
+        }
+        self.counters.to_guest.fetch_add(done as u64, Ordering::Relaxed);
+        Ok(done as u64)
     }
 
     /// Reads the disk at `offset` into the guest buffers, in order.
@@ -253,7 +269,10 @@ mod tests {
             assert!(access.disk_to_guest(&[good, buf], &disk, 0).is_err());
         }
         assert_eq!(counters.bytes_to_guest(), 0);
-        assert!(access.write_bytes(GuestAddress(2 << 20), &[1]).is_err());
+        let hole = GuestBuf { addr: GuestAddress(2 << 20), len: 1 };
+        assert!(access.write_into(&[hole], &[1]).is_err());
+        let mut byte = [0u8];
+        assert!(access.read_into(&[hole], &mut byte).is_err());
     }
 
     #[test]

@@ -1,0 +1,187 @@
+//! `BlkDevice`: executes parsed requests and keeps per-queue figures.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_OK};
+use virtio_queue::desc::split::Descriptor;
+
+use super::config::{BlkConfig, SECTOR_SIZE};
+use super::disk::{Disk, DiskError};
+use super::request::{self, check_range, BlkRequest, Op, RequestError, SEGMENT_LEN};
+use crate::memory::{AccessCounters, GuestBuf, RamAccess};
+
+/// What the device is built from (`--disk`, `--readonly`, `--queues`, `--serial`).
+#[derive(Debug, Clone)]
+pub struct DeviceOptions {
+    /// The raw image.
+    pub disk: PathBuf,
+    /// Refuse writes.
+    pub readonly: bool,
+    /// Number of request queues.
+    pub queues: u16,
+    /// The id GET_ID returns (at most 20 bytes are used).
+    pub serial: String,
+}
+
+/// Figures for one virtqueue, shared by whichever connection runs it.
+#[derive(Debug, Default)]
+pub struct QueueStats {
+    /// Requests completed.
+    pub requests: AtomicU64,
+    /// Requests completed with an error or dropped as malformed.
+    pub errors: AtomicU64,
+    /// Bytes moved between the device and guest RAM.
+    pub access: AccessCounters,
+    /// Connection id running the queue now, 0 when none.
+    owner: AtomicU64,
+    /// Error kinds already logged, one bit each, so a misbehaving guest
+    /// cannot flood the log.
+    logged: AtomicU32,
+}
+
+impl QueueStats {
+    /// Marks the queue as run by connection `owner`; false if another runs it.
+    pub fn claim(&self, owner: u64) -> bool {
+        self.owner.compare_exchange(0, owner, Ordering::AcqRel, Ordering::Acquire).is_ok()
+            || self.owner.load(Ordering::Acquire) == owner
+    }
+
+    /// Releases the queue if `owner` holds it.
+    pub fn release(&self, owner: u64) {
+        let _ = self.owner.compare_exchange(owner, 0, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// Whether any connection runs the queue.
+    pub fn started(&self) -> bool {
+        self.owner.load(Ordering::Acquire) != 0
+    }
+
+    fn first_time(&self, error: &RequestError) -> bool {
+        let bit = 1u32 << error.kind();
+        self.logged.fetch_or(bit, Ordering::Relaxed) & bit == 0
+    }
+}
+
+/// The virtio-blk device.
+#[derive(Debug)]
+pub struct BlkDevice {
+    disk: Disk,
+    config: BlkConfig,
+    id: [u8; VIRTIO_BLK_ID_BYTES as usize],
+    queues: Vec<QueueStats>,
+}
+
+impl BlkDevice {
+    /// Opens the disk and sets up `options.queues` queues.
+    pub fn new(options: &DeviceOptions) -> Result<Self, DiskError> {
+        let disk = Disk::open(&options.disk, options.readonly)?;
+        let config = BlkConfig { capacity_bytes: disk.capacity_bytes(), num_queues: options.queues, readonly: options.readonly };
+        let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
+        let serial = options.serial.as_bytes();
+        let n = serial.len().min(id.len());
+        id[..n].copy_from_slice(&serial[..n]);
+        let queues = (0..options.queues).map(|_| QueueStats::default()).collect();
+        Ok(BlkDevice { disk, config, id, queues })
+    }
+
+    /// Config space and feature bits.
+    pub fn config(&self) -> &BlkConfig {
+        &self.config
+    }
+
+    /// The disk.
+    pub fn disk(&self) -> &Disk {
+        &self.disk
+    }
+
+    /// Per-queue figures.
+    pub fn queues(&self) -> &[QueueStats] {
+        &self.queues
+    }
+
+    /// Parses and executes one request from `chain` on queue `queue`, writes
+    /// its status, and returns the used length (bytes written to the guest).
+    /// Never fails: whatever the guest put in the chain, the request is
+    /// completed, with an error status if need be.
+    pub fn handle(&self, chain: impl Iterator<Item = Descriptor>, access: &RamAccess, queue: &QueueStats) -> u32 {
+        let capacity = self.disk.capacity_bytes() / SECTOR_SIZE;
+        let (status_addr, outcome) = match request::parse(chain, access, capacity, self.disk.readonly()) {
+            Ok(request) => (Some(request.status), self.execute(&request, access)),
+            Err(rejected) => (rejected.status, Err(rejected.error)),
+        };
+        queue.requests.fetch_add(1, Ordering::Relaxed);
+        let (status, written) = match outcome {
+            Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
+            Err(error) => {
+                queue.errors.fetch_add(1, Ordering::Relaxed);
+                if queue.first_time(&error) {
+                    log::warn!("virtio-blk request failed: {error} (further errors of this kind are logged at debug level)");
+                } else {
+                    log::debug!("virtio-blk request failed: {error}");
+                }
+                (error.status(), 0)
+            }
+        };
+        let Some(status_addr) = status_addr else { return 0 };
+        match access.write_into(&[GuestBuf { addr: status_addr, len: 1 }], &[status]) {
+            // The used length is at most the chain's length, itself < 2^32.
+            Ok(_) => u32::try_from(written + 1).unwrap_or(u32::MAX),
+            Err(_) => 0,
+        }
+    }
+
+    /// Executes a valid request; returns the data bytes written to the guest.
+    fn execute(&self, request: &BlkRequest, access: &RamAccess) -> Result<u64, RequestError> {
+        let file = self.disk.file();
+        match request.op {
+            Op::Read { sector } => Ok(access.disk_to_guest(&request.data, file, sector * SECTOR_SIZE)?),
+            Op::Write { sector } => {
+                access.guest_to_disk(&request.data, file, sector * SECTOR_SIZE)?;
+                Ok(0)
+            }
+            Op::Flush => {
+                self.disk.flush()?;
+                Ok(0)
+            }
+            Op::GetId => Ok(access.write_into(&request.data, &self.id)?),
+            Op::Discard | Op::WriteZeroes => {
+                self.discard_or_zero(request, access)?;
+                Ok(0)
+            }
+        }
+    }
+
+    fn discard_or_zero(&self, request: &BlkRequest, access: &RamAccess) -> Result<(), RequestError> {
+        // data_len was checked to be at most MAX_DISCARD_SEG segments.
+        let mut segments = vec![0u8; request.data_len as usize];
+        access.read_into(&request.data, &mut segments)?;
+        let capacity = self.disk.capacity_bytes() / SECTOR_SIZE;
+        let parsed: Vec<(u64, u64, u32)> = segments
+            .chunks_exact(SEGMENT_LEN)
+            .map(|s| {
+                let le64 = u64::from_le_bytes([s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]]);
+                let sectors = u32::from_le_bytes([s[8], s[9], s[10], s[11]]);
+                let flags = u32::from_le_bytes([s[12], s[13], s[14], s[15]]);
+                (le64, u64::from(sectors), flags)
+            })
+            .collect();
+        // Validate every segment before touching the disk: all or nothing.
+        const UNMAP: u32 = 1;
+        for &(sector, sectors, flags) in &parsed {
+            let allowed = if request.op == Op::WriteZeroes { UNMAP } else { 0 };
+            if flags & !allowed != 0 {
+                return Err(RequestError::UnsupportedFlags(flags));
+            }
+            check_range(sector, sectors, capacity)?;
+        }
+        for (sector, sectors, flags) in parsed {
+            let (offset, len) = (sector * SECTOR_SIZE, sectors * SECTOR_SIZE);
+            match request.op {
+                Op::Discard => self.disk.discard(offset, len)?,
+                _ => self.disk.write_zeroes(offset, len, flags & UNMAP != 0)?,
+            }
+        }
+        Ok(())
+    }
+}
