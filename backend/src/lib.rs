@@ -6,3 +6,8 @@
 
 pub mod memory;
 pub mod blk;
+pub mod cli;
+pub mod control;
+pub mod daemon;
+pub mod sys;
+pub mod vhost;

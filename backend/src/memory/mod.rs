@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 pub use access::{AccessCounters, AccessError, GuestBuf, RamAccess};
 pub use region::{Backing, FileIdentity, GuestRegion, RegionError, RegionSpec};
-pub use table::{GuestRam, MemRegionDesc, MemoryTable, RamView, TableError};
+pub use table::{GuestRam, MemRegionDesc, MemoryTable, RamView, TableError, MAX_MEM_SLOTS};
 
 /// Every region the daemon owns, created at start and kept for its lifetime,
 /// whatever frontends come and go.

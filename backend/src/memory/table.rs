@@ -216,6 +216,15 @@ impl MemoryTable {
         Ok(())
     }
 
+    /// Translates an address in the frontend's own address space (vring
+    /// addresses come that way) to a guest-physical one.
+    pub fn frontend_to_gpa(&self, frontend_addr: u64) -> Option<u64> {
+        self.views.iter().find_map(|v| {
+            let offset = frontend_addr.checked_sub(v.desc.frontend_addr)?;
+            (offset < v.desc.size).then(|| v.desc.gpa + offset)
+        })
+    }
+
     /// The table's views, sorted by guest address.
     pub fn views(&self) -> &[RamView] {
         &self.views

@@ -1,0 +1,88 @@
+//! Parsing of the command-line values that are more than a plain string.
+
+use std::path::PathBuf;
+
+use crate::memory::{Backing, RegionSpec};
+
+/// A command-line value that does not parse.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CliError {
+    /// Not a size.
+    #[error("'{0}' is not a size: use bytes or a number with K, M, G or T (e.g. 512M, 1G)")]
+    Size(String),
+    /// A malformed --region.
+    #[error("--region '{spec}': {why}; expected id=NAME,size=SIZE[,hugetlb][,path=FILE]")]
+    Region { spec: String, why: String },
+}
+
+/// Parses `4096`, `64K`, `512M`, `1G`, `2GiB`, `1T` (powers of 1024).
+pub fn parse_size(text: &str) -> Result<u64, CliError> {
+    let error = || CliError::Size(text.to_string());
+    let trimmed = text.trim();
+    let trimmed = trimmed.strip_suffix("iB").or_else(|| trimmed.strip_suffix('B')).unwrap_or(trimmed);
+    let (digits, shift) = match trimmed.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&trimmed[..trimmed.len() - 1], 10),
+        Some('M') => (&trimmed[..trimmed.len() - 1], 20),
+        Some('G') => (&trimmed[..trimmed.len() - 1], 30),
+        Some('T') => (&trimmed[..trimmed.len() - 1], 40),
+        _ => (trimmed, 0),
+    };
+    let value: u64 = digits.parse().map_err(|_| error())?;
+    value.checked_mul(1u64 << shift).ok_or_else(error)
+}
+
+/// Parses one `--region id=NAME,size=SIZE[,hugetlb][,path=FILE]`.
+pub fn parse_region(spec: &str) -> Result<RegionSpec, CliError> {
+    let fail = |why: &str| CliError::Region { spec: spec.to_string(), why: why.to_string() };
+    let (mut id, mut size, mut hugetlb, mut path) = (None, None, false, None);
+    for part in spec.split(',') {
+        match part.split_once('=') {
+            Some(("id", v)) if !v.is_empty() && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') => {
+                id = Some(v.to_string())
+            }
+            Some(("id", _)) => return Err(fail("id must be non-empty letters, digits, '-' or '_'")),
+            Some(("size", v)) => size = Some(parse_size(v).map_err(|e| fail(&e.to_string()))?),
+            Some(("path", v)) if !v.is_empty() => path = Some(PathBuf::from(v)),
+            None if part == "hugetlb" => hugetlb = true,
+            _ => return Err(fail(&format!("unknown option '{part}'"))),
+        }
+    }
+    let backing = match (hugetlb, path) {
+        (false, None) => Backing::Memfd,
+        (true, None) => Backing::MemfdHugetlb,
+        // A file on hugetlbfs is hugetlb-backed by where it lives.
+        (_, Some(path)) => Backing::File(path),
+    };
+    Ok(RegionSpec { id: id.ok_or_else(|| fail("missing id="))?, size: size.ok_or_else(|| fail("missing size="))?, backing })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        for bad in ["", "G", "1X", "-1G", "99999999999T", "1.5G"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn regions() {
+        let r = parse_region("id=ram0,size=1G").expect("plain");
+        assert_eq!((r.id.as_str(), r.size, r.backing), ("ram0", 1 << 30, Backing::Memfd));
+        assert_eq!(parse_region("id=h,size=2M,hugetlb").expect("huge").backing, Backing::MemfdHugetlb);
+        let f = parse_region("size=4M,id=f,path=/dev/shm/ram").expect("file");
+        assert_eq!(f.backing, Backing::File("/dev/shm/ram".into()));
+        for bad in ["size=1G", "id=x", "id=,size=1G", "id=a b,size=1G", "id=x,size=1Q", "id=x,size=1G,color=red"] {
+            let error = parse_region(bad).expect_err(bad);
+            assert!(error.to_string().contains("expected id=NAME"), "{error}");
+        }
+    }
+}

@@ -1,0 +1,68 @@
+//! What each control command does.
+
+use gmem_protocol::{Command, DeviceInfo, ErrorClass, ErrorReply, QueueInfo, RegionInfo, StatusInfo};
+use serde_json::Value;
+
+use crate::daemon::Daemon;
+
+/// Runs `command` and returns its `return` value.
+pub fn execute(daemon: &Daemon, command: &Command) -> Result<Value, ErrorReply> {
+    let value = match command {
+        Command::QueryStatus => serde_json::to_value(status(daemon)),
+        Command::QueryRegions => serde_json::to_value(regions(daemon)),
+        Command::QueryDevice => serde_json::to_value(device(daemon)),
+        Command::Quit => Ok(Value::Object(Default::default())),
+    };
+    value.map_err(|e| ErrorReply::new(ErrorClass::GenericError, format!("cannot encode the reply: {e}")))
+}
+
+fn status(daemon: &Daemon) -> StatusInfo {
+    StatusInfo {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        pid: std::process::id(),
+        uptime_ms: daemon.uptime_ms(),
+        vhost_user_socket: daemon.options.vhost_socket.display().to_string(),
+        frontends: daemon.frontend_infos(),
+    }
+}
+
+fn regions(daemon: &Daemon) -> Vec<RegionInfo> {
+    daemon
+        .regions
+        .iter()
+        .map(|region| RegionInfo {
+            id: region.id().to_string(),
+            size: region.size(),
+            fd_path: region.fd_path().display().to_string(),
+            backing: region.backing().to_string(),
+            populated_bytes: region.populated_bytes(),
+            mapped_by: daemon.frontends_mapping(region.id()),
+        })
+        .collect()
+}
+
+fn device(daemon: &Daemon) -> DeviceInfo {
+    let device = &daemon.device;
+    let queues: Vec<QueueInfo> = device
+        .queues()
+        .iter()
+        .enumerate()
+        .map(|(index, q)| QueueInfo {
+            index: u16::try_from(index).unwrap_or(u16::MAX),
+            started: q.started(),
+            requests: q.requests.load(std::sync::atomic::Ordering::Relaxed),
+            errors: q.errors.load(std::sync::atomic::Ordering::Relaxed),
+            bytes_from_guest: q.access.bytes_from_guest(),
+            bytes_to_guest: q.access.bytes_to_guest(),
+        })
+        .collect();
+    DeviceInfo {
+        kind: "virtio-blk".to_string(),
+        disk: device.disk().path().display().to_string(),
+        capacity_bytes: device.disk().capacity_bytes(),
+        readonly: device.disk().readonly(),
+        requests: queues.iter().map(|q| q.requests).sum(),
+        errors: queues.iter().map(|q| q.errors).sum(),
+        queues,
+    }
+}

@@ -1,0 +1,172 @@
+//! `Daemon`: the state every thread shares — the RAM regions, the device,
+//! the frontends connected now, and the event bus. Connection state (what a
+//! frontend negotiated, its memory table, its vrings) is kept apart, in
+//! `vhost::FrontendConnection`, so frontends can come, go and overlap while
+//! RAM and device carry on.
+
+use std::collections::BTreeMap;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use gmem_protocol::{EventKind, FrontendInfo};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::blk::BlkDevice;
+use crate::control::EventBus;
+use crate::memory::RegionSet;
+
+/// Daemon-wide switches.
+#[derive(Debug, Clone)]
+pub struct DaemonOptions {
+    /// The vhost-user socket frontends connect to.
+    pub vhost_socket: PathBuf,
+    /// Accept memory tables with memory gmemd does not own.
+    pub allow_foreign_memory: bool,
+}
+
+/// What `query-status` shows of one connected frontend; updated by its
+/// connection thread.
+#[derive(Debug)]
+pub struct FrontendStatus {
+    id: u64,
+    pid: Option<i32>,
+    /// Ids of the own regions its memory table maps.
+    mapped: Mutex<Vec<String>>,
+    /// Queues it has started.
+    pub started_queues: AtomicU32,
+    /// A handle to shut the connection down on quit.
+    socket: UnixStream,
+}
+
+impl FrontendStatus {
+    /// The status of connection `id` from `pid` over `socket`.
+    pub fn new(id: u64, pid: Option<i32>, socket: UnixStream) -> Self {
+        FrontendStatus { id, pid, mapped: Mutex::default(), started_queues: AtomicU32::new(0), socket }
+    }
+
+    /// The connection id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Records which own regions the memory table maps now.
+    pub fn set_mapped(&self, mut region_ids: Vec<String>) {
+        region_ids.sort();
+        region_ids.dedup();
+        *self.mapped.lock().unwrap_or_else(|p| p.into_inner()) = region_ids;
+    }
+
+    /// Whether the memory table maps region `id`.
+    pub fn maps(&self, id: &str) -> bool {
+        self.mapped.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|r| r == id)
+    }
+
+    fn info(&self) -> FrontendInfo {
+        FrontendInfo {
+            id: self.id,
+            pid: self.pid,
+            mapped_regions: u32::try_from(self.mapped.lock().unwrap_or_else(|p| p.into_inner()).len()).unwrap_or(u32::MAX),
+            started_queues: self.started_queues.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Shared daemon state.
+#[derive(Debug)]
+pub struct Daemon {
+    /// Guest RAM, owned for the daemon's lifetime.
+    pub regions: RegionSet,
+    /// The virtio-blk device.
+    pub device: Arc<BlkDevice>,
+    /// Switches.
+    pub options: DaemonOptions,
+    /// Control-socket event subscribers.
+    pub events: EventBus,
+    started: Instant,
+    next_frontend: AtomicU64,
+    frontends: Mutex<BTreeMap<u64, Arc<FrontendStatus>>>,
+    quitting: AtomicBool,
+    quit_event: EventFd,
+}
+
+impl Daemon {
+    /// Shared state over already-created regions and device.
+    pub fn new(regions: RegionSet, device: BlkDevice, options: DaemonOptions) -> std::io::Result<Self> {
+        Ok(Daemon {
+            regions,
+            device: Arc::new(device),
+            options,
+            events: EventBus::default(),
+            started: Instant::now(),
+            next_frontend: AtomicU64::new(1),
+            frontends: Mutex::default(),
+            quitting: AtomicBool::new(false),
+            quit_event: EventFd::new(EFD_NONBLOCK)?,
+        })
+    }
+
+    /// Milliseconds since start.
+    pub fn uptime_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// A new connection id (never 0, never reused).
+    pub fn next_frontend_id(&self) -> u64 {
+        self.next_frontend.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn frontends(&self) -> MutexGuard<'_, BTreeMap<u64, Arc<FrontendStatus>>> {
+        // The map is only inserted into and removed from; a panic elsewhere
+        // cannot leave it half-updated.
+        self.frontends.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a connected frontend and announces it.
+    pub fn frontend_connected(&self, status: Arc<FrontendStatus>) {
+        let data = serde_json::json!({ "id": status.id, "pid": status.pid });
+        self.frontends().insert(status.id, status);
+        self.events.emit(EventKind::FrontendConnected, data);
+    }
+
+    /// Forgets a frontend and announces it.
+    pub fn frontend_disconnected(&self, id: u64) {
+        self.frontends().remove(&id);
+        self.events.emit(EventKind::FrontendDisconnected, serde_json::json!({ "id": id }));
+    }
+
+    /// The frontends connected now.
+    pub fn frontend_infos(&self) -> Vec<FrontendInfo> {
+        self.frontends().values().map(|f| f.info()).collect()
+    }
+
+    /// How many connected frontends map region `id`.
+    pub fn frontends_mapping(&self, id: &str) -> u32 {
+        u32::try_from(self.frontends().values().filter(|f| f.maps(id)).count()).unwrap_or(u32::MAX)
+    }
+
+    /// Asks every thread to wind down: listeners stop accepting, frontend
+    /// connections are shut, workers stop.
+    pub fn quit(&self) {
+        if self.quitting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.events.emit(EventKind::Shutdown, serde_json::Value::Null);
+        let _ = self.quit_event.write(1);
+        for frontend in self.frontends().values() {
+            let _ = frontend.socket.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Whether `quit` was called.
+    pub fn quitting(&self) -> bool {
+        self.quitting.load(Ordering::Acquire)
+    }
+
+    /// Readable once `quit` was called: listeners poll it beside their socket.
+    pub fn quit_event(&self) -> &EventFd {
+        &self.quit_event
+    }
+}
