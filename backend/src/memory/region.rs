@@ -100,8 +100,11 @@ impl FileIdentity {
 #[derive(Debug)]
 pub struct GuestRegion {
     spec: RegionSpec,
-    file: File,
     identity: FileIdentity,
+    /// The region file's fd number, for `/proc/<pid>/fd/<n>`.
+    fd: std::os::fd::RawFd,
+    /// The mapping also holds the region's one open file (its `FileOffset`),
+    /// so the region costs the daemon a single fd.
     mapping: Arc<MmapRegion>,
 }
 
@@ -135,11 +138,11 @@ impl GuestRegion {
             seal_size(&file).map_err(|source| RegionError::Seal { id: id.clone(), source })?;
         }
         let identity = FileIdentity::of(&file).map_err(|source| RegionError::Stat { id: id.clone(), source })?;
-        let map_file = file.try_clone().map_err(|source| RegionError::Stat { id: id.clone(), source })?;
+        let fd = file.as_raw_fd();
         let size = usize::try_from(spec.size).map_err(|_| RegionError::BadSize { id: id.clone(), size: spec.size, page })?;
-        let mapping = MmapRegion::from_file(FileOffset::new(map_file, 0), size)
+        let mapping = MmapRegion::from_file(FileOffset::new(file, 0), size)
             .map_err(|source| RegionError::Map { id, size: spec.size, source })?;
-        Ok(GuestRegion { spec, file, identity, mapping: Arc::new(mapping) })
+        Ok(GuestRegion { spec, identity, fd, mapping: Arc::new(mapping) })
     }
 
     /// The region's id.
@@ -169,13 +172,14 @@ impl GuestRegion {
 
     /// The path a frontend on this host opens to map the same memory.
     pub fn fd_path(&self) -> PathBuf {
-        PathBuf::from(format!("/proc/{}/fd/{}", std::process::id(), self.file.as_raw_fd()))
+        PathBuf::from(format!("/proc/{}/fd/{}", std::process::id(), self.fd))
     }
 
     /// Bytes backed by pages now (allocated blocks of the file).
     pub fn populated_bytes(&self) -> u64 {
         use std::os::unix::fs::MetadataExt;
-        self.file.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
+        let file = self.mapping.file_offset().map(FileOffset::file);
+        file.and_then(|f| f.metadata().ok()).map_or(0, |m| m.blocks() * 512)
     }
 }
 
