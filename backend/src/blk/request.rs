@@ -212,14 +212,14 @@ pub fn parse(
     let data_len = total(&data);
     match op {
         Op::Read { sector } | Op::Write { sector } => {
-            if data_len % SECTOR_SIZE != 0 {
+            if !data_len.is_multiple_of(SECTOR_SIZE) {
                 return Err(reject(RequestError::Unaligned(data_len)));
             }
             check_range(sector, data_len / SECTOR_SIZE, capacity).map_err(reject)?;
         }
         Op::Discard | Op::WriteZeroes => {
             let count = data_len / SEGMENT_LEN as u64;
-            if data_len == 0 || data_len % SEGMENT_LEN as u64 != 0 {
+            if data_len == 0 || !data_len.is_multiple_of(SEGMENT_LEN as u64) {
                 return Err(reject(RequestError::BadSegments("length is not a non-zero multiple of 16")));
             }
             if count > u64::from(MAX_DISCARD_SEG) {
