@@ -1,0 +1,22 @@
+//! Attach a QEMU VM to gmemd.
+//!
+//! gmemd is a vhost-user-blk daemon that also *owns the guest's RAM*: it
+//! creates the RAM as memfd regions and QEMU maps the very same pages through
+//! `/proc/<gmemd pid>/fd/<n>`. This crate knows how to say that to QEMU:
+//!
+//! - [`cmdline`]: [`QemuCommand`], the command line (guest RAM is always
+//!   gmemd's, never QEMU's own `-m` RAM);
+//! - [`qmp`]: [`QmpClient`], a small blocking QMP client;
+//! - [`process`]: [`QemuProcess`], a QEMU child that is killed on drop;
+//! - [`quote`]: shell and QEMU-option quoting.
+//!
+//! The `gmemctl` binary puts them together.
+
+pub mod cmdline;
+pub mod process;
+pub mod qmp;
+pub mod quote;
+
+pub use cmdline::{Accel, CmdlineError, QemuCommand, SerialSink};
+pub use process::{Output, ProcessError, QemuProcess, SpawnOptions};
+pub use qmp::{QmpClient, QmpError};

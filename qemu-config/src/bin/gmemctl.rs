@@ -1,1 +1,253 @@
-fn main() {}
+//! gmemctl: ask gmemd what it serves, and start QEMU guests attached to it.
+
+use std::num::NonZeroU32;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use gmem_protocol::ControlClient;
+use gmem_qemu::{Accel, QemuCommand, QemuProcess, QmpClient, SerialSink};
+
+#[path = "gmemctl/tables.rs"]
+mod tables;
+
+const ABOUT: &str = "Control gmemd and start QEMU guests attached to it";
+
+const LONG_ABOUT: &str = "\
+Control gmemd and start QEMU guests attached to it.
+
+gmemd is a vhost-user-blk daemon that also owns the guest's RAM: it creates
+the RAM as memfd regions, and QEMU maps the same pages through
+/proc/<gmemd pid>/fd/<n> (memory-backend-file, share=on) instead of allocating
+its own. The guest's disk is served by gmemd over a vhost-user socket.
+
+gmemctl asks a running gmemd, on its control socket, for its regions, socket
+and queues, and turns them into a QEMU command line: the first region is the
+machine's main RAM, further regions are pc-dimm devices.";
+
+const EXAMPLES: &str = "\
+Examples:
+  # What does the daemon serve?
+  gmemctl --control /run/gmemd/control.sock regions
+
+  # Print the QEMU arguments, then run them yourself:
+  eval qemu-system-x86_64 \"$(gmemctl --control /run/gmemd/control.sock qemu-args \\
+      --kernel vmlinuz --initrd initrd.img --append 'console=ttyS0')\"
+
+  # Or let gmemctl start QEMU; the guest console goes to stdout:
+  gmemctl --control /run/gmemd/control.sock launch \\
+      --kernel vmlinuz --initrd initrd.img --append 'console=ttyS0 panic=-1'
+
+Set RUST_LOG=info (or debug) to see what gmemctl does.";
+
+#[derive(Debug, Parser)]
+#[command(name = "gmemctl", version, about = ABOUT, long_about = LONG_ABOUT, after_help = EXAMPLES)]
+struct Cli {
+    /// gmemd's control socket (the PATH of `gmemd --control PATH`).
+    #[arg(long, value_name = "PATH")]
+    control: PathBuf,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Show gmemd's version, pid, uptime, vhost-user socket and frontends.
+    Status(Format),
+    /// Show the guest RAM regions gmemd owns.
+    Regions(Format),
+    /// Show the virtio-blk device gmemd serves, with per-queue figures.
+    Device(Format),
+    /// Print the QEMU arguments (without the binary) that attach a VM to gmemd.
+    QemuArgs {
+        #[command(flatten)]
+        vm: VmArgs,
+        /// Print a JSON array of arguments instead of one shell-quoted line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start QEMU attached to gmemd, wait for it, and exit with its status.
+    Launch {
+        #[command(flatten)]
+        vm: VmArgs,
+        /// The QEMU binary to run.
+        #[arg(long, value_name = "BINARY", default_value = "qemu-system-x86_64")]
+        qemu: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+struct Format {
+    /// Print the daemon's reply as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The VM's own settings; RAM, disk socket and queues come from gmemd.
+#[derive(Debug, Args)]
+struct VmArgs {
+    /// Kernel to boot directly (-kernel).
+    #[arg(long, value_name = "FILE")]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk (-initrd).
+    #[arg(long, value_name = "FILE")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line (-append), e.g. 'console=ttyS0'.
+    #[arg(long, value_name = "CMDLINE")]
+    append: Option<String>,
+    /// Accelerator: tcg (-cpu max) or kvm (-cpu host).
+    #[arg(long, value_name = "tcg|kvm", default_value = "tcg")]
+    accel: Accel,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value = "1")]
+    cpus: NonZeroU32,
+    /// Guest serial console: stdio, none or file:PATH.
+    #[arg(long, value_name = "SINK", default_value = "stdio")]
+    serial: SerialSink,
+    /// QMP unix socket for QEMU to create (launch: a temporary one if unset).
+    #[arg(long, value_name = "PATH")]
+    qmp: Option<PathBuf>,
+    /// How often QEMU retries gmemd's vhost-user socket, in milliseconds.
+    #[arg(long, value_name = "MS", default_value = "1000")]
+    reconnect_ms: u64,
+    /// Add aux-ram-share=on to -machine (needed for cpr-transfer).
+    #[arg(long)]
+    aux_ram_share: bool,
+    /// Further QEMU arguments, appended verbatim after `--`.
+    #[arg(last = true, value_name = "QEMU ARGS")]
+    extra: Vec<String>,
+}
+
+impl VmArgs {
+    fn build(&self, client: &mut ControlClient) -> Result<QemuCommand> {
+        let mut cmd = QemuCommand::for_daemon(client)
+            .context("building the QEMU command line from gmemd's replies")?
+            .accel(self.accel)
+            .cpus(self.cpus)
+            .serial(self.serial.clone())
+            .reconnect_ms(self.reconnect_ms)
+            .aux_ram_share(self.aux_ram_share)
+            .extra_args(self.extra.iter().cloned());
+        if let Some(kernel) = &self.kernel {
+            cmd = cmd.kernel(kernel);
+        }
+        if let Some(initrd) = &self.initrd {
+            cmd = cmd.initrd(initrd);
+        }
+        if let Some(append) = &self.append {
+            cmd = cmd.append(append);
+        }
+        if let Some(qmp) = &self.qmp {
+            cmd = cmd.qmp(qmp);
+        }
+        Ok(cmd)
+    }
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("gmemctl: {}", describe(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes on one line, skipping a cause whose text the
+/// line already ends with (several error types repeat their source's text).
+fn describe(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if !line.ends_with(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let mut client = ControlClient::connect(&cli.control).with_context(|| {
+        format!(
+            "connecting to gmemd's control socket {}",
+            cli.control.display()
+        )
+    })?;
+    match cli.command {
+        Cmd::Status(format) => {
+            let status = client.query_status().context("query-status")?;
+            tables::print(format.json, &status, tables::status)?;
+        }
+        Cmd::Regions(format) => {
+            let regions = client.query_regions().context("query-regions")?;
+            tables::print(format.json, regions.as_slice(), tables::regions)?;
+        }
+        Cmd::Device(format) => {
+            let device = client.query_device().context("query-device")?;
+            tables::print(format.json, &device, tables::device)?;
+        }
+        Cmd::QemuArgs { vm, json } => {
+            let args = vm.build(&mut client)?.to_args();
+            if json {
+                println!("{}", serde_json::to_string(&args)?);
+            } else {
+                println!("{}", gmem_qemu::quote::shell_join(&args));
+            }
+        }
+        Cmd::Launch { vm, qemu } => {
+            let cmd = vm.build(&mut client)?.qemu_binary(qemu);
+            drop(client);
+            return launch(cmd, vm.qmp.is_none());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs QEMU to completion and turns its exit status into ours.
+fn launch(cmd: QemuCommand, temporary_qmp: bool) -> Result<ExitCode> {
+    // A QMP socket is always there, so the VM can be inspected or stopped
+    // while it runs; the temporary one goes away with its directory.
+    let qmp_dir = if temporary_qmp {
+        Some(tempfile::Builder::new().prefix("gmemctl-").tempdir()?)
+    } else {
+        None
+    };
+    let cmd = match &qmp_dir {
+        Some(dir) => cmd.qmp(dir.path().join("qmp.sock")),
+        None => cmd,
+    };
+    let mut qemu = QemuProcess::spawn(&cmd).context("starting QEMU")?;
+    if let Some(qmp) = cmd.qmp_path() {
+        log::info!("QEMU pid {}, QMP socket {}", qemu.pid(), qmp.display());
+        report_run_state(qmp.to_owned());
+    }
+    let status = qemu.wait().context("waiting for QEMU")?;
+    log::info!("QEMU exited: {status}");
+    // Shells report death by signal N as 128 + N; do the same.
+    let code = status
+        .code()
+        .or_else(|| status.signal().map(|signal| 128 + signal))
+        .unwrap_or(1);
+    Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+}
+
+/// Logs the guest's run state once QEMU answers on QMP, without holding up
+/// the wait for QEMU (which may be blocked connecting to gmemd meanwhile).
+fn report_run_state(qmp: PathBuf) {
+    std::thread::spawn(move || {
+        let state = QmpClient::connect(&qmp, Duration::from_secs(10))
+            .and_then(|mut client| client.query_status());
+        match state {
+            Ok(state) => log::info!("guest is {state}"),
+            Err(e) => log::debug!("no run state from {}: {e}", qmp.display()),
+        }
+    });
+}

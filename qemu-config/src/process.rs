@@ -1,0 +1,210 @@
+//! [`QemuProcess`]: QEMU as a child process that cannot outlive its owner's
+//! scope (it is killed on drop), with a QMP connection on request.
+
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStderr, ChildStdout, Command, ExitStatus, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use crate::cmdline::QemuCommand;
+use crate::qmp::{QmpClient, QmpError};
+
+/// How long [`QemuProcess::qmp`] waits for QEMU to answer on its socket.
+pub const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why starting, watching or stopping QEMU failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    /// The binary could not be started.
+    #[error("starting {binary}: {source}")]
+    Spawn {
+        /// The QEMU binary.
+        binary: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// A file for QEMU's stdout or stderr could not be created.
+    #[error("creating {path} for QEMU's output: {source}")]
+    OutputFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// Waiting for or signalling the child failed.
+    #[error("waiting for or killing QEMU: {0}")]
+    Wait(#[from] io::Error),
+    /// [`QemuProcess::qmp`] on a command line without `-qmp`.
+    #[error("QEMU was started without a QMP socket")]
+    NoQmpSocket,
+    /// QEMU ended before its QMP socket answered.
+    #[error("QEMU exited ({0}) before its QMP socket answered")]
+    ExitedEarly(ExitStatus),
+    /// Talking QMP failed.
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+}
+
+/// Where one of QEMU's output streams goes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Output {
+    /// The same stream as ours (with `-serial stdio`, the guest console).
+    #[default]
+    Inherit,
+    /// Discarded.
+    Null,
+    /// A pipe: take it with [`QemuProcess::take_stdout`] or
+    /// [`QemuProcess::take_stderr`], and keep reading it, or QEMU blocks.
+    Piped,
+    /// A file, created or truncated.
+    File(PathBuf),
+}
+
+impl Output {
+    fn to_stdio(&self) -> Result<Stdio, ProcessError> {
+        Ok(match self {
+            Output::Inherit => Stdio::inherit(),
+            Output::Null => Stdio::null(),
+            Output::Piped => Stdio::piped(),
+            Output::File(path) => File::create(path)
+                .map_err(|source| ProcessError::OutputFile {
+                    path: path.clone(),
+                    source,
+                })?
+                .into(),
+        })
+    }
+}
+
+/// Where QEMU's stdout and stderr go; both inherited by default.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SpawnOptions {
+    /// QEMU's stdout.
+    pub stdout: Output,
+    /// QEMU's stderr.
+    pub stderr: Output,
+}
+
+/// A running QEMU, killed (SIGKILL) and reaped when dropped.
+#[derive(Debug)]
+pub struct QemuProcess {
+    child: Child,
+    qmp_path: Option<PathBuf>,
+    exit: Option<ExitStatus>,
+}
+
+impl QemuProcess {
+    /// Starts `cmd` with stdin from /dev/null and both outputs inherited.
+    pub fn spawn(cmd: &QemuCommand) -> Result<Self, ProcessError> {
+        Self::spawn_with(cmd, &SpawnOptions::default())
+    }
+
+    /// Starts `cmd` with stdin from /dev/null and outputs as `options` say.
+    pub fn spawn_with(cmd: &QemuCommand, options: &SpawnOptions) -> Result<Self, ProcessError> {
+        log::info!("starting {cmd}");
+        let child = Command::new(cmd.binary())
+            .args(cmd.to_args())
+            .stdin(Stdio::null())
+            .stdout(options.stdout.to_stdio()?)
+            .stderr(options.stderr.to_stdio()?)
+            .spawn()
+            .map_err(|source| ProcessError::Spawn {
+                binary: cmd.binary().to_owned(),
+                source,
+            })?;
+        Ok(QemuProcess {
+            child,
+            qmp_path: cmd.qmp_path().map(Path::to_owned),
+            exit: None,
+        })
+    }
+
+    /// QEMU's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// QEMU's stdout, if it was [`Output::Piped`] and not taken yet.
+    pub fn take_stdout(&mut self) -> Option<ChildStdout> {
+        self.child.stdout.take()
+    }
+
+    /// QEMU's stderr, if it was [`Output::Piped`] and not taken yet.
+    pub fn take_stderr(&mut self) -> Option<ChildStderr> {
+        self.child.stderr.take()
+    }
+
+    /// QEMU's exit status if it has exited, without waiting.
+    pub fn try_wait(&mut self) -> Result<Option<ExitStatus>, ProcessError> {
+        if self.exit.is_none() {
+            self.exit = self.child.try_wait()?;
+        }
+        Ok(self.exit)
+    }
+
+    /// Waits until QEMU exits.
+    pub fn wait(&mut self) -> Result<ExitStatus, ProcessError> {
+        if let Some(status) = self.exit {
+            return Ok(status);
+        }
+        let status = self.child.wait()?;
+        self.exit = Some(status);
+        Ok(status)
+    }
+
+    /// Waits up to `timeout` for QEMU to exit; `None` if it is still running.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<ExitStatus>, ProcessError> {
+        let deadline = Instant::now() + timeout;
+        // std has no timed wait: poll, backing off so long waits stay cheap.
+        let mut pause = Duration::from_millis(2);
+        loop {
+            if let Some(status) = self.try_wait()? {
+                return Ok(Some(status));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            sleep(pause.min(left));
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills QEMU (SIGKILL) unless it has already exited, and reaps it.
+    pub fn kill(&mut self) -> Result<ExitStatus, ProcessError> {
+        if let Some(status) = self.try_wait()? {
+            return Ok(status);
+        }
+        self.child.kill()?;
+        self.wait()
+    }
+
+    /// Connects to QEMU's QMP socket, retrying for up to
+    /// [`QMP_CONNECT_TIMEOUT`] while QEMU is still starting; fails at once
+    /// with [`ProcessError::ExitedEarly`] if QEMU exits meanwhile.
+    pub fn qmp(&mut self) -> Result<QmpClient, ProcessError> {
+        let path = self.qmp_path.clone().ok_or(ProcessError::NoQmpSocket)?;
+        let child = &mut self.child;
+        let connected = QmpClient::connect_while(&path, QMP_CONNECT_TIMEOUT, || {
+            matches!(child.try_wait(), Ok(None))
+        });
+        match connected {
+            Ok(client) => Ok(client),
+            Err(e) => match self.try_wait()? {
+                Some(status) => Err(ProcessError::ExitedEarly(status)),
+                None => Err(e.into()),
+            },
+        }
+    }
+}
+
+impl Drop for QemuProcess {
+    fn drop(&mut self) {
+        match self.kill() {
+            Ok(status) => log::debug!("QEMU {} ended: {status}", self.child.id()),
+            Err(e) => log::warn!("could not stop QEMU {}: {e}", self.child.id()),
+        }
+    }
+}
