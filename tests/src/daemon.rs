@@ -1,0 +1,145 @@
+//! `Gmemd`: the real gmemd binary, started for one test in a directory of its own.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use gmem_protocol::ControlClient;
+
+use crate::guest::repo_root;
+
+/// Builds the workspace's binaries once per test process and returns the
+/// directory they are in. Tests may run before cargo built `gmemd` for this
+/// crate (it is another package's binary), so build rather than assume.
+pub fn binaries() -> Result<&'static Path> {
+    static DIR: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--quiet", "-p", "gmemd", "-p", "gmem-qemu", "--bins"])
+            .current_dir(repo_root())
+            .status()
+            .map_err(|e| format!("running cargo build: {e}"))?;
+        if !status.success() {
+            return Err(format!("cargo build of gmemd/gmemctl failed: {status}"));
+        }
+        let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target"));
+        Ok(target.join("debug"))
+    })
+    .as_ref()
+    .map(PathBuf::as_path)
+    .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// How to start gmemd.
+#[derive(Debug, Clone)]
+pub struct GmemdOptions {
+    /// `--memory`.
+    pub memory: String,
+    /// `--queues`.
+    pub queues: u16,
+    /// Size of the fresh raw disk image.
+    pub disk_bytes: u64,
+    /// Further arguments.
+    pub extra: Vec<String>,
+}
+
+impl Default for GmemdOptions {
+    fn default() -> Self {
+        GmemdOptions { memory: "512M".into(), queues: 1, disk_bytes: 256 << 20, extra: Vec::new() }
+    }
+}
+
+/// A running gmemd; killed on drop.
+#[derive(Debug)]
+pub struct Gmemd {
+    child: Child,
+    /// The test's scratch directory (sockets, disk, logs).
+    pub dir: tempfile::TempDir,
+    /// Control socket.
+    pub control: PathBuf,
+    /// vhost-user socket.
+    pub socket: PathBuf,
+    /// The raw disk image.
+    pub disk: PathBuf,
+}
+
+impl Gmemd {
+    /// Starts gmemd with `options` on a fresh sparse disk and waits until its
+    /// control socket answers.
+    pub fn start(options: &GmemdOptions) -> Result<Gmemd> {
+        let dir = tempfile::Builder::new().prefix("gmemd-test-").tempdir()?;
+        let disk = dir.path().join("disk.raw");
+        std::fs::File::create(&disk)?.set_len(options.disk_bytes)?;
+        let (control, socket) = (dir.path().join("control.sock"), dir.path().join("vhost.sock"));
+        let log = std::fs::File::create(dir.path().join("gmemd.log"))?;
+        let child = Command::new(binaries()?.join("gmemd"))
+            .arg("--socket").arg(&socket)
+            .arg("--control").arg(&control)
+            .arg("--disk").arg(&disk)
+            .arg("--memory").arg(&options.memory)
+            .arg("--queues").arg(options.queues.to_string())
+            .args(&options.extra)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting gmemd")?;
+        let mut gmemd = Gmemd { child, dir, control, socket, disk };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while gmemd.client().is_err() {
+            if let Some(status) = gmemd.child.try_wait()? {
+                bail!("gmemd exited during start-up ({status}); log:\n{}", gmemd.log());
+            }
+            if Instant::now() > deadline {
+                bail!("gmemd's control socket did not answer within 20 s; log:\n{}", gmemd.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(gmemd)
+    }
+
+    /// A new control connection.
+    pub fn client(&self) -> Result<ControlClient> {
+        Ok(ControlClient::connect(&self.control)?)
+    }
+
+    /// The daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the daemon is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// What the daemon logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("gmemd.log")).unwrap_or_default()
+    }
+
+    /// Waits up to `timeout` for the daemon to exit; returns its status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("gmemd did not exit within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Gmemd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
