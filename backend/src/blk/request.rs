@@ -54,6 +54,9 @@ pub enum RequestError {
     /// The chain has no writable byte for the status.
     #[error("descriptor chain has no writable status byte")]
     NoStatus,
+    /// The chain loops, or names a descriptor outside the table.
+    #[error("descriptor chain loops or leaves the descriptor table")]
+    BrokenChain,
     /// A readable descriptor follows a writable one.
     #[error("readable descriptor after a writable one")]
     ReadableAfterWritable,
@@ -113,6 +116,7 @@ impl RequestError {
             RequestError::UnsupportedFlags(_) => 9,
             RequestError::Access(AccessError::NotRam { .. }) => 10,
             RequestError::Access(_) | RequestError::Disk(_) => 11,
+            RequestError::BrokenChain => 12,
         }
     }
 }
@@ -158,8 +162,12 @@ pub fn parse(
     readonly: bool,
 ) -> Result<BlkRequest, Rejected> {
     let (mut readable, mut writable) = (Vec::new(), Vec::new());
-    let mut misordered = false;
+    let (mut misordered, mut cut) = (false, false);
     for desc in chain {
+        // virtio-queue ends iteration quietly when a chain loops, points past
+        // the table or cannot be read; a last descriptor that still says
+        // NEXT means the chain was cut, not finished.
+        cut = desc.has_next();
         let buf = GuestBuf { addr: desc.addr(), len: desc.len() };
         if desc.is_write_only() {
             writable.push(buf);
@@ -176,6 +184,9 @@ pub fn parse(
     let (writable_data, status) = split_at(&writable, writable_len - 1);
     let status = status[0].addr;
     let reject = |error: RequestError| Rejected { error, status: Some(status) };
+    if cut {
+        return Err(reject(RequestError::BrokenChain));
+    }
     if misordered {
         return Err(reject(RequestError::ReadableAfterWritable));
     }
