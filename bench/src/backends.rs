@@ -1,0 +1,114 @@
+//! What a run is, and one guest run of the `bench` agent on gmemd (through
+//! the test harness); the qemu-storage-daemon side is in `qsd.rs`.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use gmem_qemu::quote::shell_join;
+use gmem_qemu::{QemuCommand, SerialSink};
+use gmem_tests::{agent_append, Gmemd, GmemdOptions, GuestImage, Vm};
+
+use crate::figures::Figures;
+
+/// The QEMU binary; the harness finds the same name on PATH.
+pub const QEMU: &str = "qemu-system-x86_64";
+
+/// What every run does, whichever backend serves the disk.
+#[derive(Debug, Clone)]
+pub struct Workload {
+    pub mib: u64,
+    pub randreads: u64,
+    pub memory_mib: u64,
+    pub disk_mib: u64,
+    pub cpus: u32,
+    pub timeout: Duration,
+}
+
+impl Workload {
+    fn params(&self) -> [(&'static str, String); 2] {
+        [
+            ("mib", self.mib.to_string()),
+            ("randreads", self.randreads.to_string()),
+        ]
+    }
+
+    /// The guest kernel command line: agent `bench` with its parameters.
+    pub fn append(&self) -> String {
+        let params = self.params();
+        let refs: Vec<(&str, &str)> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        agent_append("bench", &refs)
+    }
+}
+
+/// One run's figures and the command lines that produced them.
+#[derive(Debug)]
+pub struct Run {
+    pub figures: Figures,
+    pub commands: Vec<String>,
+    /// The backend's own view of the run, when it has one (gmemd's
+    /// `query-device`: requests, errors, bytes per queue).
+    pub device: Option<serde_json::Value>,
+}
+
+/// Makes the harness build gmemd with release settings. The harness always
+/// runs `cargo build` (dev profile) and takes `<target>/debug/gmemd`; the
+/// profile overrides below make that build optimized, and the separate target
+/// directory keeps it from invalidating everyone's ordinary debug build.
+/// Call before anything else starts threads (it sets environment variables).
+pub fn optimize_harness_gmemd() {
+    let target = gmem_tests::guest::repo_root().join("target/gmem-bench");
+    std::env::set_var("CARGO_TARGET_DIR", target);
+    for (key, value) in [
+        ("CARGO_PROFILE_DEV_OPT_LEVEL", "3"),
+        ("CARGO_PROFILE_DEV_DEBUG", "false"),
+        ("CARGO_PROFILE_DEV_DEBUG_ASSERTIONS", "false"),
+        ("CARGO_PROFILE_DEV_OVERFLOW_CHECKS", "false"),
+        ("CARGO_PROFILE_DEV_INCREMENTAL", "false"),
+        ("CARGO_PROFILE_DEV_CODEGEN_UNITS", "16"),
+    ] {
+        std::env::set_var(key, value);
+    }
+}
+
+/// gmemd: `Gmemd::start` on a fresh sparse image, `Vm::boot` on it.
+pub fn run_gmemd(work: &Workload, image: &GuestImage) -> Result<Run> {
+    let started = Instant::now();
+    let options = GmemdOptions {
+        memory: format!("{}M", work.memory_mib),
+        queues: 1,
+        disk_bytes: work.disk_mib << 20,
+        extra: Vec::new(),
+    };
+    let gmemd = Gmemd::start(&options)?;
+    // The command line Vm::boot builds, rebuilt here for the record.
+    let qemu = QemuCommand::for_daemon(&mut gmemd.client()?)?
+        .kernel(&image.kernel)
+        .initrd(&image.initrd)
+        .append(work.append())
+        .cpus(std::num::NonZeroU32::new(work.cpus).context("--cpus must be at least 1")?)
+        .serial(SerialSink::File(gmemd.dir.path().join("bench.serial")));
+    let daemon = shell_join([
+        gmem_tests::binaries()?.join("gmemd").display().to_string(),
+        "--socket".into(),
+        gmemd.socket.display().to_string(),
+        "--control".into(),
+        gmemd.control.display().to_string(),
+        "--disk".into(),
+        gmemd.disk.display().to_string(),
+        "--memory".into(),
+        options.memory.clone(),
+        "--queues".into(),
+        "1".into(),
+    ]);
+    let params = work.params();
+    let refs: Vec<(&str, &str)> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut vm = Vm::boot(&gmemd, "bench", work.cpus, "bench", &refs)?;
+    let results = vm.wait_exit(work.timeout)?;
+    let figures = Figures::from_results(&results, started.elapsed().as_secs_f64())?;
+    let device = serde_json::to_value(gmemd.client()?.query_device()?)?;
+    Ok(Run {
+        figures,
+        commands: vec![daemon, qemu.to_string()],
+        device: Some(device),
+    })
+}
