@@ -313,17 +313,6 @@ mod tests {
         assert_eq!(AgentResults::parse("").get("x"), None);
     }
 
-    /// Runs the real script (the first run on a machine downloads ~35 MB of
-    /// Debian packages): `cargo test -p gmem-tests -- --ignored guest`.
-    #[test]
-    #[ignore = "runs scripts/guest-image (needs apt and the network on first run)"]
-    fn ensure_builds_image() -> Result<()> {
-        let image = GuestImage::ensure()?;
-        assert!(image.kernel.is_file() && image.initrd.is_file());
-        assert_eq!(GuestImage::ensure()?, image);
-        Ok(())
-    }
-
     #[test]
     fn malformed_tokens_are_skipped() {
         let r = AgentResults::parse("GMEMD-RESULT =x novalue k= a.b=1 ok=yes\n");
