@@ -59,6 +59,9 @@ pub enum RegionError {
     /// The file could not be sized.
     #[error("region {id}: setting the size to {size} bytes: {source}")]
     Size { id: String, size: u64, source: io::Error },
+    /// A kept backing file has another size than asked for.
+    #[error("region {id}: the backing file already holds {existing} bytes of guest RAM, not {size}; refusing to resize it")]
+    SizeMismatch { id: String, existing: u64, size: u64 },
     /// Sealing failed.
     #[error("region {id}: sealing against shrink/grow: {source}")]
     Seal { id: String, source: io::Error },
@@ -128,6 +131,11 @@ impl GuestRegion {
             Backing::File(path) => open_backing_file(&id, path)?,
         };
         let current = file.metadata().map_err(|source| RegionError::Stat { id: id.clone(), source })?;
+        // A kept file holds guest RAM from an earlier run: never resize it,
+        // that would drop RAM content (and SIGBUS a QEMU still mapping it).
+        if matches!(spec.backing, Backing::File(_)) && current.len() != 0 && current.len() != spec.size {
+            return Err(RegionError::SizeMismatch { id, existing: current.len(), size: spec.size });
+        }
         if current.len() != spec.size {
             file.set_len(spec.size)
                 .map_err(|source| RegionError::Size { id: id.clone(), size: spec.size, source })?;
@@ -206,7 +214,10 @@ fn create_memfd(id: &str, extra_flags: libc::c_uint) -> Result<File, RegionError
 }
 
 fn open_backing_file(id: &str, path: &Path) -> Result<File, RegionError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    // Guest RAM is private to the daemon and the frontends of its user.
     OpenOptions::new()
+        .mode(0o600)
         .read(true)
         .write(true)
         .create(true)
@@ -270,6 +281,8 @@ mod tests {
         let first = GuestRegion::create(spec.clone()).expect("create");
         first.mapping().get_slice(0, 1).expect("slice").copy_from(&[0xa5u8]);
         drop(first);
+        let bigger = RegionSpec { size: 2 << 20, ..spec.clone() };
+        assert!(matches!(GuestRegion::create(bigger), Err(RegionError::SizeMismatch { .. })));
         let second = GuestRegion::create(spec).expect("reopen");
         let mut byte = [0u8];
         second.mapping().get_slice(0, 1).expect("slice").copy_to(&mut byte[..]);
