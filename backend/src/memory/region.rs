@@ -86,16 +86,9 @@ pub struct FileIdentity {
 impl FileIdentity {
     /// The identity of `file`.
     pub fn of(file: &File) -> io::Result<Self> {
-        let mut stat = std::mem::MaybeUninit::<libc::stat>::uninit();
-        // SAFETY: `file` is an open fd and `stat` points to writable memory of
-        // the right size; fstat fills it completely on success.
-        let rc = unsafe { libc::fstat(file.as_raw_fd(), stat.as_mut_ptr()) };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fstat returned 0, so it initialised `stat`.
-        let stat = unsafe { stat.assume_init() };
-        Ok(FileIdentity { dev: stat.st_dev, ino: stat.st_ino })
+        use std::os::unix::fs::MetadataExt;
+        let meta = file.metadata()?;
+        Ok(FileIdentity { dev: meta.dev(), ino: meta.ino() })
     }
 }
 

@@ -276,6 +276,11 @@ impl QueueRun {
                 let _ = self.queue.disable_notification(&*ram);
             }
             loop {
+                // Stop between requests, not after draining the ring: a busy
+                // guest must not hold up GET_VRING_BASE or a disable.
+                if self.stop.load(Ordering::Acquire) || !self.enabled.load(Ordering::Acquire) {
+                    break;
+                }
                 let chain = match self.queue.iter(&*ram) {
                     Ok(mut available) => available.next(),
                     Err(error) => {
@@ -292,7 +297,7 @@ impl QueueRun {
                 }
                 used_any = true;
             }
-            if self.broken || !self.queue.event_idx_enabled() {
+            if self.broken || self.stop.load(Ordering::Acquire) || !self.queue.event_idx_enabled() {
                 break;
             }
             // Re-enabling notifications races with the driver adding more
