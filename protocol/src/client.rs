@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
-use crate::reply::{DeviceInfo, ErrorReply, Event, RegionInfo, Reply, StatusInfo};
+use crate::reply::{DeviceInfo, ErrorReply, Event, MigrationInfo, RegionInfo, Reply, StatusInfo};
 use crate::Command;
 
 /// Why a control request failed.
@@ -84,6 +84,11 @@ impl ControlClient {
     /// `query-device`.
     pub fn query_device(&mut self) -> Result<DeviceInfo, ClientError> {
         self.execute(&Command::QueryDevice)
+    }
+
+    /// `query-migration`.
+    pub fn query_migration(&mut self) -> Result<MigrationInfo, ClientError> {
+        self.execute(&Command::QueryMigration)
     }
 
     /// `quit`: the daemon replies, then exits.

@@ -14,16 +14,20 @@ pub enum Command {
     QueryRegions,
     /// The virtio-blk device: queues, requests served, errors.
     QueryDevice,
+    /// Where a migration stands on gmemd's side: dirty logging, postcopy
+    /// registration, the device's page faults and their latency.
+    QueryMigration,
     /// Stop serving and exit; regions are unmapped and, unless file-backed, freed.
     Quit,
 }
 
 impl Command {
     /// Every command, for help texts and for tests that want to cover them all.
-    pub const ALL: [Command; 4] = [
+    pub const ALL: [Command; 5] = [
         Command::QueryStatus,
         Command::QueryRegions,
         Command::QueryDevice,
+        Command::QueryMigration,
         Command::Quit,
     ];
 
@@ -33,6 +37,7 @@ impl Command {
             Command::QueryStatus => "query-status",
             Command::QueryRegions => "query-regions",
             Command::QueryDevice => "query-device",
+            Command::QueryMigration => "query-migration",
             Command::Quit => "quit",
         }
     }

@@ -22,8 +22,9 @@ mod reply;
 pub use client::{ClientError, ControlClient};
 pub use command::{Command, Request};
 pub use reply::{
-    DeviceInfo, ErrorClass, ErrorReply, Event, EventKind, FrontendInfo, QueueInfo, RegionInfo,
-    Reply, StatusInfo, Timestamp,
+    DeviceInfo, DeviceIoWindow, DirtyLogInfo, ErrorClass, ErrorReply, Event, EventKind,
+    FrontendInfo, LatencySummary, MigrationInfo, MigrationState, PostcopyInfo, QueueInfo,
+    RegionInfo, Reply, StatusInfo, Timestamp,
 };
 
 /// Longest line either end accepts, newline excluded. A peer that sends a

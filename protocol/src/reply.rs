@@ -193,6 +193,91 @@ pub struct QueueInfo {
     pub bytes_to_guest: u64,
 }
 
+/// `query-migration` result: gmemd's side of a live migration.
+///
+/// The source gmemd logs the pages its device writes (precopy); the
+/// destination gmemd registers its RAM with userfaultfd (postcopy) and its
+/// device faults on pages that have not arrived yet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationInfo {
+    /// Where the migration stands now.
+    pub state: MigrationState,
+    /// Bytes the device wrote into guest RAM since the current or last
+    /// migration began (dirty logging switched on, or POSTCOPY_ADVISE).
+    pub device_bytes_written: u64,
+    /// Precopy dirty logging.
+    pub dirty_log: DirtyLogInfo,
+    /// Postcopy: the device's faults on missing pages.
+    pub postcopy: PostcopyInfo,
+    /// When the device completed requests, for the I/O gap at switchover.
+    pub device_io: DeviceIoWindow,
+}
+
+/// The states of [`MigrationInfo::state`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationState {
+    /// No migration runs through this daemon.
+    None,
+    /// The source side: the device marks every page it writes in QEMU's log.
+    DirtyLogging,
+    /// POSTCOPY_ADVISE: a userfaultfd exists and QEMU holds it.
+    PostcopyAdvised,
+    /// POSTCOPY_LISTEN: the guest is about to run on this side.
+    PostcopyListening,
+    /// Guest RAM is registered for missing-page faults; the device runs and
+    /// faults on pages that have not arrived.
+    PostcopyRunning,
+    /// POSTCOPY_END: registration dropped, normal operation restored.
+    PostcopyEnded,
+}
+
+/// Precopy dirty-log figures.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirtyLogInfo {
+    /// Whether a frontend has logging on (VHOST_F_LOG_ALL) with a log mapped.
+    pub active: bool,
+    /// Size of the log QEMU shared (SET_LOG_BASE), 0 when none.
+    pub log_bytes: u64,
+    /// Page marks the device made while logging (a page written twice counts twice).
+    pub pages_marked: u64,
+}
+
+/// Postcopy figures of the device, destination side.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PostcopyInfo {
+    /// Bytes of guest RAM registered with userfaultfd now.
+    pub registered_bytes: u64,
+    /// Pages the device found missing and faulted on.
+    pub device_faults: u64,
+    /// Time from the device's fault to QEMU's wake-up, per page.
+    pub fault_latency: LatencySummary,
+}
+
+/// A latency distribution, in microseconds (percentiles within 1/8 of the value).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LatencySummary {
+    /// Samples.
+    pub count: u64,
+    /// Median.
+    pub p50_us: u64,
+    /// 99th percentile.
+    pub p99_us: u64,
+    /// Largest sample.
+    pub max_us: u64,
+}
+
+/// Wall-clock times of the device's request completions (microseconds since
+/// the epoch, 0 when none yet). The source's last and the destination's
+/// first completion bound the I/O gap the guest sees at switchover.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceIoWindow {
+    /// The first request this daemon ever completed.
+    pub first_completion_us: u64,
+    /// The latest request completed.
+    pub last_completion_us: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
