@@ -17,6 +17,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::blk::BlkDevice;
 use crate::control::EventBus;
 use crate::memory::RegionSet;
+use crate::migration::MigrationStats;
 
 /// Daemon-wide switches.
 #[derive(Debug, Clone)]
@@ -25,6 +26,9 @@ pub struct DaemonOptions {
     pub vhost_socket: PathBuf,
     /// Accept memory tables with memory gmemd does not own.
     pub allow_foreign_memory: bool,
+    /// Test-only: keep dirty logging from marking anything, so a test can
+    /// prove its verification catches a precopy that loses device writes.
+    pub skip_dirty_log_marks: bool,
 }
 
 /// What `query-status` shows of one connected frontend; updated by its
@@ -85,6 +89,11 @@ pub struct Daemon {
     pub options: DaemonOptions,
     /// Control-socket event subscribers.
     pub events: EventBus,
+    /// Migration state and figures (`query-migration`).
+    pub migration: Arc<MigrationStats>,
+    /// The connection in postcopy, 0 for none: guest RAM is mapped once and
+    /// registered by one userfaultfd, so one postcopy at a time.
+    postcopy_owner: AtomicU64,
     started: Instant,
     next_frontend: AtomicU64,
     frontends: Mutex<BTreeMap<u64, Arc<FrontendStatus>>>,
@@ -100,6 +109,8 @@ impl Daemon {
             device: Arc::new(device),
             options,
             events: EventBus::default(),
+            migration: Arc::default(),
+            postcopy_owner: AtomicU64::new(0),
             started: Instant::now(),
             next_frontend: AtomicU64::new(1),
             frontends: Mutex::default(),
@@ -145,6 +156,20 @@ impl Daemon {
     /// How many connected frontends map region `id`.
     pub fn frontends_mapping(&self, id: &str) -> u32 {
         u32::try_from(self.frontends().values().filter(|f| f.maps(id)).count()).unwrap_or(u32::MAX)
+    }
+
+    /// Makes connection `id` the one in postcopy; `Err(owner)` if another is.
+    pub fn claim_postcopy(&self, id: u64) -> Result<(), u64> {
+        match self.postcopy_owner.compare_exchange(0, id, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => Ok(()),
+            Err(owner) if owner == id => Ok(()),
+            Err(owner) => Err(owner),
+        }
+    }
+
+    /// Ends connection `id`'s claim on postcopy.
+    pub fn release_postcopy(&self, id: u64) {
+        let _ = self.postcopy_owner.compare_exchange(id, 0, Ordering::AcqRel, Ordering::Acquire);
     }
 
     /// Asks every thread to wind down: listeners stop accepting, frontend

@@ -5,6 +5,7 @@
 //! path reads and writes that RAM. See `docs/architecture.md`.
 
 pub mod memory;
+pub mod migration;
 pub mod blk;
 pub mod cli;
 pub mod control;

@@ -63,6 +63,12 @@ struct Args {
     /// a plain vhost-user backend for QEMU-owned RAM.
     #[arg(long)]
     allow_foreign_memory: bool,
+
+    /// For tests only: accept QEMU's dirty log but never mark it, so a
+    /// precopy migration silently loses the device's writes. Exists to prove
+    /// that the migration tests' verification catches exactly that.
+    #[arg(long, hide = true)]
+    test_skip_dirty_log: bool,
 }
 
 const EXAMPLES: &str = "Examples:
@@ -87,7 +93,14 @@ fn main() -> Result<()> {
     let regions = RegionSet::create(specs).context("creating guest RAM")?;
     let device_options = DeviceOptions { disk: args.disk.clone(), readonly: args.readonly, queues: args.queues, serial: args.serial.clone() };
     let device = BlkDevice::new(&device_options).context("opening the disk")?;
-    let options = DaemonOptions { vhost_socket: args.socket.clone(), allow_foreign_memory: args.allow_foreign_memory };
+    let options = DaemonOptions {
+        vhost_socket: args.socket.clone(),
+        allow_foreign_memory: args.allow_foreign_memory,
+        skip_dirty_log_marks: args.test_skip_dirty_log,
+    };
+    if options.skip_dirty_log_marks {
+        log::warn!("--test-skip-dirty-log: precopy migrations will lose the device's writes");
+    }
 
     // Signals are taken by one thread with sigwait, so no handler runs in
     // the middle of another thread's work; block them before any thread starts.

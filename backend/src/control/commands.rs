@@ -11,6 +11,7 @@ pub fn execute(daemon: &Daemon, command: &Command) -> Result<Value, ErrorReply> 
         Command::QueryStatus => serde_json::to_value(status(daemon)),
         Command::QueryRegions => serde_json::to_value(regions(daemon)),
         Command::QueryDevice => serde_json::to_value(device(daemon)),
+        Command::QueryMigration => serde_json::to_value(daemon.migration.info()),
         Command::Quit => Ok(Value::Object(Default::default())),
     };
     value.map_err(|e| ErrorReply::new(ErrorClass::GenericError, format!("cannot encode the reply: {e}")))

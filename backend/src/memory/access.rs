@@ -4,10 +4,12 @@
 //! Every request buffer is checked against the current memory table before
 //! the request runs and is then moved with `preadv`/`pwritev` straight
 //! between the disk and guest RAM (no bounce buffer). Every byte is counted,
-//! so `query-device` can tell what the device did to guest memory, and the
-//! coming checks (dirty logging, private ranges, pins) have one place to live.
-//! Ring bookkeeping (descriptors, avail, used) goes through virtio-queue on
-//! the same `GuestRam`, whose views bound every access.
+//! so `query-device` can tell what the device did to guest memory. Migration
+//! hooks live here too: every write is marked in the dirty log, and during
+//! postcopy every page is faulted in (and timed) before the transfer. Ring
+//! bookkeeping (descriptors, avail, used) goes through virtio-queue on the
+//! same `GuestRam`, whose views bound every access; the worker reports its
+//! used-ring writes through [`RamAccess::ring_written`].
 
 use std::fs::File;
 use std::io;
@@ -17,6 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::GuestRam;
+use crate::migration::Tracking;
 
 /// How many bytes moved between the device and guest RAM.
 #[derive(Debug, Default)]
@@ -65,15 +68,42 @@ pub enum AccessError {
 pub struct RamAccess<'a> {
     ram: &'a GuestRam,
     counters: &'a AccessCounters,
+    tracking: &'a Tracking,
 }
 
 /// Linux's IOV_MAX: the most iovecs one preadv/pwritev takes.
 const IOV_MAX: usize = 1024;
 
 impl<'a> RamAccess<'a> {
-    /// Access to `ram`, counted in `counters`.
-    pub fn new(ram: &'a GuestRam, counters: &'a AccessCounters) -> Self {
-        RamAccess { ram, counters }
+    /// Access to `ram`, counted in `counters`, with migration `tracking`.
+    pub fn new(ram: &'a GuestRam, counters: &'a AccessCounters, tracking: &'a Tracking) -> Self {
+        RamAccess { ram, counters, tracking }
+    }
+
+    /// The worker wrote `len` bytes of ring bookkeeping at `addr` (the used
+    /// ring): logged like any other device write.
+    pub fn ring_written(&self, addr: GuestAddress, len: u64) {
+        self.tracking.log.mark(addr.0, len);
+    }
+
+    /// During postcopy, faults in the pages of `bufs` that have not arrived.
+    fn fault_in(&self, bufs: &[GuestBuf]) -> Result<(), AccessError> {
+        if self.tracking.stats.faults_possible() {
+            self.tracking.before_access(&self.iovecs(bufs)?);
+        }
+        Ok(())
+    }
+
+    fn wrote(&self, bufs: &[GuestBuf], mut bytes: u64) {
+        self.counters.to_guest.fetch_add(bytes, Ordering::Relaxed);
+        for buf in bufs {
+            let len = bytes.min(u64::from(buf.len));
+            if len == 0 {
+                break;
+            }
+            self.tracking.device_wrote(buf.addr.0, len);
+            bytes -= len;
+        }
     }
 
     /// Checks that the whole of `buf` is guest RAM.
@@ -84,6 +114,7 @@ impl<'a> RamAccess<'a> {
     /// Copies guest bytes from `bufs`, in order, into `out` (a request
     /// header, discard segments). `bufs` must hold exactly `out.len()` bytes.
     pub fn read_into(&self, bufs: &[GuestBuf], out: &mut [u8]) -> Result<(), AccessError> {
+        self.fault_in(bufs)?;
         let mut done = 0usize;
         for buf in bufs {
             let len = buf.len as usize;
@@ -98,6 +129,7 @@ impl<'a> RamAccess<'a> {
     /// Copies `bytes` into the guest buffers, in order, up to the shorter of
     /// the two (a status byte, a device id). Returns the bytes written.
     pub fn write_into(&self, bufs: &[GuestBuf], bytes: &[u8]) -> Result<u64, AccessError> {
+        self.fault_in(bufs)?;
         let mut done = 0usize;
         for buf in bufs {
             let len = (buf.len as usize).min(bytes.len() - done);
@@ -109,15 +141,19 @@ impl<'a> RamAccess<'a> {
                 .map_err(|_| AccessError::NotRam { addr: buf.addr.0, len: len as u64 })?;
             done += len;
         }
-        self.counters.to_guest.fetch_add(done as u64, Ordering::Relaxed);
+        self.wrote(bufs, done as u64);
         Ok(done as u64)
     }
 
     /// Reads the disk at `offset` into the guest buffers, in order.
     pub fn disk_to_guest(&self, bufs: &[GuestBuf], disk: &File, offset: u64) -> Result<u64, AccessError> {
-        let done = self.transfer(bufs, disk, offset, Direction::DiskToGuest)?;
-        self.counters.to_guest.fetch_add(done, Ordering::Relaxed);
-        Ok(done)
+        let done = self.transfer(bufs, disk, offset, Direction::DiskToGuest);
+        match &done {
+            Ok(done) => self.wrote(bufs, *done),
+            // A failed read may still have written part of the buffers.
+            Err(_) => bufs.iter().for_each(|b| self.tracking.log.mark(b.addr.0, u64::from(b.len))),
+        }
+        done
     }
 
     /// Writes the guest buffers, in order, to the disk at `offset`.
@@ -151,6 +187,7 @@ impl<'a> RamAccess<'a> {
 
     fn transfer(&self, bufs: &[GuestBuf], disk: &File, offset: u64, direction: Direction) -> Result<u64, AccessError> {
         let mut iovecs = self.iovecs(bufs)?;
+        self.tracking.before_access(&iovecs);
         let wanted: u64 = iovecs.iter().map(|iov| iov.iov_len as u64).sum();
         let mut done = 0u64;
         let mut first = 0usize;
@@ -212,6 +249,7 @@ enum Direction {
 mod tests {
     use super::*;
     use std::os::unix::fs::FileExt;
+    use std::sync::Arc;
 
     use crate::memory::{Backing, MemRegionDesc, MemoryTable, RegionSet, RegionSpec};
 
@@ -233,7 +271,8 @@ mod tests {
     fn transfers_span_views_and_are_counted() {
         let (_regions, ram) = ram();
         let counters = AccessCounters::default();
-        let access = RamAccess::new(&ram, &counters);
+        let tracking = Tracking::new(Arc::default(), false);
+        let access = RamAccess::new(&ram, &counters, &tracking);
         let disk = tempfile::tempfile().expect("disk");
         let data: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
         disk.write_all_at(&data, 0).expect("fill");
@@ -253,10 +292,37 @@ mod tests {
     }
 
     #[test]
+    fn every_device_write_is_marked_in_the_dirty_log() {
+        let (_regions, ram) = ram();
+        let counters = AccessCounters::default();
+        let tracking = Tracking::new(Arc::default(), false);
+        let log_file = tempfile::tempfile().expect("log");
+        log_file.set_len(128).expect("size");
+        tracking.log.set_base(log_file.try_clone().expect("dup"), 128, 0).expect("map");
+        tracking.log.set_enabled(true);
+        let access = RamAccess::new(&ram, &counters, &tracking);
+        let disk = tempfile::tempfile().expect("disk");
+        disk.set_len(1 << 20).expect("size");
+        let page = |n: u64| GuestAddress(n * 4096);
+        // Disk reads into pages 3-4 and 9; a status byte into page 20; a
+        // write to disk (the device only reads RAM) from page 30.
+        let read = [GuestBuf { addr: GuestAddress(3 * 4096 + 100), len: 4096 }, GuestBuf { addr: page(9), len: 512 }];
+        access.disk_to_guest(&read, &disk, 0).expect("read");
+        access.write_into(&[GuestBuf { addr: page(20), len: 1 }], &[0]).expect("status");
+        access.guest_to_disk(&[GuestBuf { addr: page(30), len: 4096 }], &disk, 0).expect("write");
+        access.ring_written(page(40), 6);
+        let mut bitmap = [0u8; 8];
+        log_file.read_exact_at(&mut bitmap, 0).expect("read log");
+        let marked: Vec<u64> = (0..64).filter(|p| bitmap[(p / 8) as usize] & (1 << (p % 8)) != 0).collect();
+        assert_eq!(marked, [3, 4, 9, 20, 40]);
+    }
+
+    #[test]
     fn ranges_outside_ram_are_refused_before_any_io() {
         let (_regions, ram) = ram();
         let counters = AccessCounters::default();
-        let access = RamAccess::new(&ram, &counters);
+        let tracking = Tracking::new(Arc::default(), false);
+        let access = RamAccess::new(&ram, &counters, &tracking);
         let disk = tempfile::tempfile().expect("disk");
         disk.set_len(1 << 20).expect("size");
         for buf in [
@@ -279,7 +345,8 @@ mod tests {
     fn reads_past_the_end_of_the_disk_are_short() {
         let (_regions, ram) = ram();
         let counters = AccessCounters::default();
-        let access = RamAccess::new(&ram, &counters);
+        let tracking = Tracking::new(Arc::default(), false);
+        let access = RamAccess::new(&ram, &counters, &tracking);
         let disk = tempfile::tempfile().expect("disk");
         disk.set_len(1024).expect("size");
         let buf = GuestBuf { addr: GuestAddress(0), len: 4096 };

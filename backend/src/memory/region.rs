@@ -102,6 +102,8 @@ pub struct GuestRegion {
     /// The mapping also holds the region's one open file (its `FileOffset`),
     /// so the region costs the daemon a single fd.
     mapping: Arc<MmapRegion>,
+    /// Whether gmemd asked for transparent huge pages on the mapping.
+    hugepage_advised: bool,
 }
 
 const PAGE_SIZE: u64 = 4096;
@@ -143,7 +145,8 @@ impl GuestRegion {
         let size = usize::try_from(spec.size).map_err(|_| RegionError::BadSize { id: id.clone(), size: spec.size, page })?;
         let mapping = MmapRegion::from_file(FileOffset::new(file, 0), size)
             .map_err(|source| RegionError::Map { id, size: spec.size, source })?;
-        Ok(GuestRegion { spec, identity, fd, mapping: Arc::new(mapping) })
+        let hugepage_advised = !matches!(spec.backing, Backing::MemfdHugetlb) && advise_hugepages(&mapping);
+        Ok(GuestRegion { spec, identity, fd, mapping: Arc::new(mapping), hugepage_advised })
     }
 
     /// The region's id.
@@ -171,6 +174,12 @@ impl GuestRegion {
         &self.mapping
     }
 
+    /// Whether gmemd asked for transparent huge pages on the mapping (postcopy
+    /// turns them off while RAM is registered and back on after).
+    pub fn hugepage_advised(&self) -> bool {
+        self.hugepage_advised
+    }
+
     /// The path a frontend on this host opens to map the same memory.
     pub fn fd_path(&self) -> PathBuf {
         PathBuf::from(format!("/proc/{}/fd/{}", std::process::id(), self.fd))
@@ -182,6 +191,14 @@ impl GuestRegion {
         let file = self.mapping.file_offset().map(FileOffset::file);
         file.and_then(|f| f.metadata().ok()).map_or(0, |m| m.blocks() * 512)
     }
+}
+
+/// Asks for transparent huge pages on guest RAM, as QEMU does for its own
+/// RAM; false when the kernel has THP off for shared memory or not at all.
+fn advise_hugepages(mapping: &MmapRegion) -> bool {
+    // SAFETY: the range is exactly the fresh mapping; MADV_HUGEPAGE changes
+    // its THP policy, never its content.
+    unsafe { libc::madvise(mapping.as_ptr().cast(), mapping.size(), libc::MADV_HUGEPAGE) == 0 }
 }
 
 fn create_memfd(id: &str, extra_flags: libc::c_uint) -> Result<File, RegionError> {

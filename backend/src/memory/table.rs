@@ -75,6 +75,7 @@ pub struct RamView {
     len: usize,
     desc: MemRegionDesc,
     owner: Option<String>,
+    hugepage_advised: bool,
 }
 
 impl RamView {
@@ -86,6 +87,11 @@ impl RamView {
     /// The id of the daemon region behind the view, or `None` for foreign memory.
     pub fn owner(&self) -> Option<&str> {
         self.owner.as_deref()
+    }
+
+    /// Whether gmemd asked for transparent huge pages on the mapping.
+    pub fn hugepage_advised(&self) -> bool {
+        self.hugepage_advised
     }
 
     /// The daemon's virtual address of the view's first byte.
@@ -188,12 +194,13 @@ impl MemoryTable {
                     len,
                     desc,
                     owner: Some(region.id().to_string()),
+                    hugepage_advised: region.hugepage_advised(),
                 }
             }
             None if allow_foreign => {
                 let mapping = MmapRegion::from_file(FileOffset::new(file, desc.mmap_offset), len)
                     .map_err(|source| TableError::MapForeign { gpa, source })?;
-                RamView { mapping: Arc::new(mapping), offset: 0, len, desc, owner: None }
+                RamView { mapping: Arc::new(mapping), offset: 0, len, desc, owner: None, hugepage_advised: false }
             }
             None => return Err(TableError::Foreign { gpa, size }),
         };

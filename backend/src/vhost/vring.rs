@@ -17,6 +17,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::blk::BlkDevice;
 use crate::memory::{GuestRam, RamAccess};
+use crate::migration::Tracking;
 
 /// Largest queue a frontend may configure.
 pub const MAX_QUEUE_SIZE: u16 = 1024;
@@ -58,6 +59,8 @@ pub struct WorkerContext {
     pub ram: GuestMemoryAtomic<GuestRam>,
     /// Connection id, for queue ownership.
     pub owner: u64,
+    /// The connection's dirty log and the daemon's migration figures.
+    pub tracking: Tracking,
 }
 
 /// One vring's configuration and, when started, its worker.
@@ -180,6 +183,7 @@ impl Vring {
                 call: Arc::clone(&self.call),
                 ctx: ctx.clone(),
                 index,
+                used_ring: (GuestAddress(addrs.used), used_ring_len(self.size)),
                 broken: false,
             };
             let thread = std::thread::Builder::new().name(format!("vring-{index}")).spawn(move || run.run())?;
@@ -194,6 +198,17 @@ impl Vring {
                 ctx.device.queues()[usize::from(index)].release(ctx.owner);
                 Err(os(source))
             }
+        }
+    }
+
+    /// Asks the worker to stop without waiting for it: for a worker that may
+    /// wait forever on a postcopy page whose frontend went away. The queue
+    /// stays claimed, so no other connection runs it beside that worker.
+    pub fn abandon(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            worker.stop.store(true, Ordering::Release);
+            let _ = worker.wake.write(1);
+            log::warn!("vring {}: worker left behind, waiting on a page that will not arrive", self.index);
         }
     }
 
@@ -215,6 +230,12 @@ impl Vring {
     }
 }
 
+/// Bytes of a split used ring of `size` entries: flags, idx, the elements
+/// and avail_event.
+fn used_ring_len(size: u16) -> u64 {
+    4 + 8 * u64::from(size) + 2
+}
+
 /// A running queue, owned by its worker thread.
 struct QueueRun {
     queue: Queue,
@@ -225,6 +246,8 @@ struct QueueRun {
     call: Arc<Mutex<Option<EventFd>>>,
     ctx: WorkerContext,
     index: u16,
+    /// Where the used ring lies and its length, for the dirty log.
+    used_ring: (GuestAddress, u64),
     /// Set when the driver corrupted the ring; nothing more is processed
     /// until the frontend restarts the ring.
     broken: bool,
@@ -269,7 +292,7 @@ impl QueueRun {
     fn process(&mut self) {
         let ram = self.ctx.ram.memory();
         let stats = &self.ctx.device.queues()[usize::from(self.index)];
-        let access = RamAccess::new(&ram, &stats.access);
+        let access = RamAccess::new(&ram, &stats.access, &self.ctx.tracking);
         let mut used_any = false;
         loop {
             if self.queue.event_idx_enabled() {
@@ -295,6 +318,7 @@ impl QueueRun {
                 if let Err(error) = self.queue.add_used(&*ram, head, len) {
                     log::warn!("vring {}: cannot return descriptor {head}: {error}", self.index);
                 }
+                self.ctx.tracking.stats.request_completed();
                 used_any = true;
             }
             if self.broken || self.stop.load(Ordering::Acquire) || !self.queue.event_idx_enabled() {
@@ -307,6 +331,10 @@ impl QueueRun {
                 _ => break,
             }
         }
+        // Used elements, the used index and (EVENT_IDX) avail_event were
+        // written above; the ring is a few pages at most, so log all of it.
+        let (used_addr, used_len) = self.used_ring;
+        access.ring_written(used_addr, used_len);
         if used_any && self.queue.needs_notification(&*ram).unwrap_or(true) {
             if let Some(call) = self.call.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
                 let _ = call.write(1);
