@@ -64,12 +64,30 @@ pub struct Gmemd {
 impl Gmemd {
     /// Starts gmemd with 64 MiB of RAM, one queue and a zeroed disk, plus `extra` arguments.
     pub fn start(extra: &[&str]) -> Self {
+        Self::start_as(None, extra)
+    }
+
+    /// Like `start`, as user `uid` (no capabilities) when given: the test
+    /// must run as root for that.
+    pub fn start_as(uid: Option<u32>, extra: &[&str]) -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        use std::os::unix::process::CommandExt;
         let dir = tempfile::tempdir().expect("tempdir");
+        if uid.is_some() {
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).expect("chmod the test dir");
+        }
         let (socket, control, disk) =
             (dir.path().join("vhost.sock"), dir.path().join("control.sock"), dir.path().join("disk.raw"));
         File::create(&disk).and_then(|f| f.set_len(DISK_SIZE)).expect("create the disk");
+        if uid.is_some() {
+            std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(0o666)).expect("chmod the disk");
+        }
         let log = File::create(dir.path().join("gmemd.log")).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_gmemd"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_gmemd"));
+        if let Some(uid) = uid {
+            command.uid(uid).gid(uid);
+        }
+        let child = command
             .arg("--socket")
             .arg(&socket)
             .arg("--control")
@@ -92,6 +110,11 @@ impl Gmemd {
             ControlClient::connect(&daemon.control).is_ok()
         });
         daemon
+    }
+
+    /// What the daemon logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("gmemd.log")).unwrap_or_default()
     }
 
     /// Whether the process is still running.
@@ -174,6 +197,8 @@ impl Fe {
         assert_ne!(offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(), 0, "PROTOCOL_FEATURES offered");
         let event_idx = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
         assert_ne!(offered & event_idx, 0, "EVENT_IDX offered");
+        // LOG_ALL is acked only while migrating, as QEMU does.
+        let offered = offered & !VhostUserVirtioFeatures::LOG_ALL.bits();
         let acked = if self.event_idx { offered } else { offered & !event_idx };
         self.vu.set_features(acked).expect("SET_FEATURES");
         let protocol = self.vu.get_protocol_features().expect("GET_PROTOCOL_FEATURES");

@@ -72,6 +72,17 @@ impl GuestMem {
         self.range(0, self.size)
     }
 
+    /// Whether the page at `gpa` has a page in the region's page cache
+    /// (mincore through this mapping: it never faults anything in).
+    pub fn resident(&self, gpa: u64) -> bool {
+        let page = self.va(gpa & !0xfff);
+        let mut vec = [0u8; 1];
+        // SAFETY: one page of a live mapping; mincore writes one byte into `vec`.
+        let ret = unsafe { libc::mincore(page as *mut libc::c_void, 4096, vec.as_mut_ptr()) };
+        assert_eq!(ret, 0, "mincore: {}", std::io::Error::last_os_error());
+        vec[0] & 1 != 0
+    }
+
     pub fn write(&self, gpa: u64, bytes: &[u8]) {
         self.mem.write_slice(bytes, GuestAddress(gpa)).expect("write guest RAM");
     }
