@@ -77,7 +77,7 @@ pub fn run_gmemd(work: &Workload, image: &GuestImage) -> Result<Run> {
         memory: format!("{}M", work.memory_mib),
         queues: 1,
         disk_bytes: work.disk_mib << 20,
-        extra: Vec::new(),
+        ..GmemdOptions::default()
     };
     let gmemd = Gmemd::start(&options)?;
     // The command line Vm::boot builds, rebuilt here for the record.

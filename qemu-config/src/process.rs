@@ -20,7 +20,7 @@ pub enum ProcessError {
     /// The binary could not be started.
     #[error("starting {binary}: {source}")]
     Spawn {
-        /// The QEMU binary.
+        /// The program: the QEMU binary, or `ip` with [`SpawnOptions::netns`].
         binary: PathBuf,
         /// Why.
         source: io::Error,
@@ -78,13 +78,18 @@ impl Output {
     }
 }
 
-/// Where QEMU's stdout and stderr go; both inherited by default.
+/// Where QEMU's stdout and stderr go (both inherited by default) and which
+/// network namespace it runs in (ours by default).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SpawnOptions {
     /// QEMU's stdout.
     pub stdout: Output,
     /// QEMU's stderr.
     pub stderr: Output,
+    /// A named network namespace (ip-netns(8)) to run QEMU in: QEMU is
+    /// started as `ip netns exec <netns> <qemu> <args>`, which needs root.
+    /// `ip` execs QEMU, so [`QemuProcess::pid`] is still QEMU's pid.
+    pub netns: Option<String>,
 }
 
 /// A running QEMU, killed (SIGKILL) and reaped when dropped.
@@ -103,15 +108,26 @@ impl QemuProcess {
 
     /// Starts `cmd` with stdin from /dev/null and outputs as `options` say.
     pub fn spawn_with(cmd: &QemuCommand, options: &SpawnOptions) -> Result<Self, ProcessError> {
-        log::info!("starting {cmd}");
-        let child = Command::new(cmd.binary())
+        let mut command = match &options.netns {
+            Some(netns) => {
+                log::info!("starting in network namespace {netns}: {cmd}");
+                let mut ip = Command::new("ip");
+                ip.args(["netns", "exec", netns]).arg(cmd.binary());
+                ip
+            }
+            None => {
+                log::info!("starting {cmd}");
+                Command::new(cmd.binary())
+            }
+        };
+        let child = command
             .args(cmd.to_args())
             .stdin(Stdio::null())
             .stdout(options.stdout.to_stdio()?)
             .stderr(options.stderr.to_stdio()?)
             .spawn()
             .map_err(|source| ProcessError::Spawn {
-                binary: cmd.binary().to_owned(),
+                binary: PathBuf::from(command.get_program()),
                 source,
             })?;
         Ok(QemuProcess {

@@ -86,6 +86,7 @@ fn spawn(cmd: &QemuCommand, dir: &Path) -> QemuProcess {
     let options = SpawnOptions {
         stdout: Output::Null,
         stderr: Output::File(dir.join("qemu.log")),
+        ..SpawnOptions::default()
     };
     QemuProcess::spawn_with(cmd, &options).expect("spawn QEMU")
 }

@@ -11,11 +11,13 @@
  *   gmem-io rand-read DEV COUNT [SPAN_MIB]  COUNT 4 KiB pread()s at random
  *                                        4 KiB-aligned offsets in the first
  *                                        SPAN_MIB (default: whole device)
+ *   gmem-io seqio DEV BLOCKS SEED [PACE_US]  migration workload, see seqio()
  *
- * Prints one "GMEMD-RESULT op=... key=value ..." line on success; any error
- * goes to stderr and the exit status is 1.
+ * Numbers are decimal. Prints one "GMEMD-RESULT key=value ..." line on
+ * success; any error goes to stderr and the exit status is 1.
  */
 #define _GNU_SOURCE
+#include <endian.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/fs.h>
@@ -24,6 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -40,21 +43,26 @@ static void die(const char *what)
 static void usage(void)
 {
 	fprintf(stderr, "usage: gmem-io seq-write DEV MIB | seq-read DEV MIB | "
-			"rand-read DEV COUNT [SPAN_MIB]\n");
+			"rand-read DEV COUNT [SPAN_MIB] | seqio DEV BLOCKS SEED [PACE_US]\n");
 	exit(1);
 }
 
-/* Strict positive integer parse: a typo must not silently become 0. */
-static uint64_t parse_u64(const char *s)
+/* Strict decimal parse: a typo must not silently become 0. */
+static uint64_t parse_num(const char *s, int allow_zero)
 {
 	char *end;
 	errno = 0;
 	unsigned long long v = strtoull(s, &end, 10);
-	if (errno || end == s || *end || v == 0 || s[0] == '-') {
+	if (errno || end == s || *end || (v == 0 && !allow_zero) || s[0] == '-') {
 		fprintf(stderr, "gmem-io: bad number '%s'\n", s);
 		exit(1);
 	}
 	return v;
+}
+
+static uint64_t parse_u64(const char *s)
+{
+	return parse_num(s, 0);
 }
 
 static double now(void)
@@ -170,6 +178,180 @@ static void rand_read(const char *dev, uint64_t count, uint64_t span_mib)
 	       (unsigned long long)count, secs, (double)count / secs);
 }
 
+/*
+ * seqio's block contents, mirrored by gmem_tests::seqio::block in the tests
+ * crate (change both or neither). Block i of seed SEED is 512 little-endian
+ * u64 words w[0..512) drawn from xorshift64* (all arithmetic mod 2^64):
+ *
+ *   x = SEED ^ (i * 0x9E3779B97F4A7C15)
+ *   if x == 0: x = 0x853C49E6748FEA9B        (0 is xorshift's fixed point)
+ *   for k in 0..512:
+ *       x ^= x >> 12;  x ^= x << 25;  x ^= x >> 27
+ *       w[k] = x * 0x2545F4914F6CDD1D
+ */
+#define SEQIO_STRIDE 0x9E3779B97F4A7C15ull
+#define SEQIO_ZERO_STATE 0x853C49E6748FEA9Bull
+#define XORSHIFT64STAR_MUL 0x2545F4914F6CDD1Dull
+#define SEQIO_FILL 0xA5
+#define SEQIO_PROGRESS_EVERY 256u
+
+static void seqio_pattern(uint64_t seed, uint64_t i, uint64_t words[BLOCK / 8])
+{
+	uint64_t x = seed ^ (i * SEQIO_STRIDE);
+	if (x == 0)
+		x = SEQIO_ZERO_STATE;
+	for (size_t k = 0; k < BLOCK / 8; k++) {
+		x ^= x >> 12;
+		x ^= x << 25;
+		x ^= x >> 27;
+		words[k] = htole64(x * XORSHIFT64STAR_MUL);
+	}
+}
+
+/* FNV-1a 64: h = 0xcbf29ce484222325; per byte: h ^= byte; h *= 0x100000001b3.
+ * Mirrored by gmem_tests::seqio::Fnv1a. */
+#define FNV1A_OFFSET 0xcbf29ce484222325ull
+#define FNV1A_PRIME 0x100000001b3ull
+
+static uint64_t fnv1a(uint64_t h, const void *data, size_t len)
+{
+	const unsigned char *p = data;
+	for (size_t k = 0; k < len; k++) {
+		h ^= p[k];
+		h *= FNV1A_PRIME;
+	}
+	return h;
+}
+
+static uint64_t now_us(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+}
+
+/* The running checksum of seqio. volatile: stored to guest RAM after every
+ * block, so it is state a migration must carry, like the slots. */
+static volatile uint64_t seqio_sum;
+
+/*
+ * seqio: a disk workload for live-migration tests whose progress is guest
+ * RAM that both the vCPU and the device write.
+ *
+ * "slots" (BLOCKS * 4 KiB, page aligned, all 0xA5 first so every page is
+ * present and non-zero before migration starts) receive the device's DMA:
+ * for i in 0..BLOCKS, block i = pattern(SEED, i) is pwritten at i * 4 KiB
+ * (O_DIRECT), folded into the running FNV-1a checksum, and pread (O_DIRECT)
+ * straight into slot i; then usleep(PACE_US) if PACE_US > 0. Every 256 blocks
+ * "GMEMD-PROGRESS seqio=<blocks done>" goes to stdout.
+ *
+ * At the end:
+ *  - every slot is compared with pattern(SEED, i) in RAM, without touching
+ *    the disk: a stale slot is a device write into guest RAM that got lost
+ *    (on a migration: a page the device dirtied but that was not resent, or
+ *    a postcopy page that arrived over the device's data);
+ *  - the range is read again from the disk (O_DIRECT, 1 MiB reads) and its
+ *    FNV-1a compared with the running one: a lost disk write or a lost
+ *    update of the checksum.
+ *
+ * Prints "GMEMD-RESULT seqio_blocks=N seqio_bad_slots=X
+ * seqio_first_bad_slot=K|none seqio_sum=<hex16> seqio_disk_sum=<hex16>
+ * seqio_max_op_us=M" (M: the slowest pwrite + pread of one block, in
+ * microseconds) and returns 0, or 1 if a slot or the checksum is wrong.
+ */
+static int seqio(const char *dev, uint64_t blocks, uint64_t seed, uint64_t pace_us)
+{
+	int fd = open(dev, O_RDWR | O_DIRECT);
+	if (fd < 0)
+		die(dev);
+	if (blocks > dev_size(fd) / BLOCK) {
+		fprintf(stderr, "gmem-io: %s is smaller than %llu blocks of %u bytes\n",
+			dev, (unsigned long long)blocks, BLOCK);
+		exit(1);
+	}
+	size_t len = (size_t)blocks * BLOCK;
+	unsigned char *slots = mmap(NULL, len, PROT_READ | PROT_WRITE,
+				    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (slots == MAP_FAILED)
+		die("mmap");
+	memset(slots, SEQIO_FILL, len);
+	uint64_t *block = aligned_buf(BLOCK);
+
+	uint64_t max_op_us = 0;
+	seqio_sum = FNV1A_OFFSET;
+	for (uint64_t i = 0; i < blocks; i++) {
+		seqio_pattern(seed, i, block);
+		uint64_t t0 = now_us();
+		xfer(fd, 1, block, BLOCK, i * BLOCK);
+		uint64_t write_us = now_us() - t0;
+		seqio_sum = fnv1a(seqio_sum, block, BLOCK);
+		t0 = now_us();
+		xfer(fd, 0, slots + i * BLOCK, BLOCK, i * BLOCK);
+		uint64_t op_us = write_us + (now_us() - t0);
+		if (op_us > max_op_us)
+			max_op_us = op_us;
+		if (pace_us)
+			usleep(pace_us);
+		if ((i + 1) % SEQIO_PROGRESS_EVERY == 0) {
+			printf("GMEMD-PROGRESS seqio=%llu\n", (unsigned long long)(i + 1));
+			if (fflush(stdout))
+				die("stdout");
+		}
+	}
+	if (fdatasync(fd))
+		die("fdatasync");
+
+	/* (a) The slots, from RAM only. */
+	uint64_t bad = 0, first_bad = 0;
+	for (uint64_t i = 0; i < blocks; i++) {
+		seqio_pattern(seed, i, block);
+		if (memcmp(slots + i * BLOCK, block, BLOCK)) {
+			if (!bad++)
+				first_bad = i;
+		}
+	}
+	/* (b) The disk, read again. */
+	unsigned char *chunk = aligned_buf(MIB);
+	uint64_t disk_sum = FNV1A_OFFSET;
+	for (size_t off = 0; off < len; off += MIB) {
+		size_t n = len - off < MIB ? len - off : MIB;
+		xfer(fd, 0, chunk, n, off);
+		disk_sum = fnv1a(disk_sum, chunk, n);
+	}
+	close(fd);
+
+	uint64_t sum = seqio_sum;
+	char first[24] = "none";
+	if (bad)
+		snprintf(first, sizeof(first), "%llu", (unsigned long long)first_bad);
+	printf("GMEMD-RESULT seqio_blocks=%llu seqio_bad_slots=%llu seqio_first_bad_slot=%s "
+	       "seqio_sum=%016llx seqio_disk_sum=%016llx seqio_max_op_us=%llu\n",
+	       (unsigned long long)blocks, (unsigned long long)bad, first,
+	       (unsigned long long)sum, (unsigned long long)disk_sum,
+	       (unsigned long long)max_op_us);
+	int rc = 0;
+	if (bad) {
+		unsigned char *slot = slots + first_bad * BLOCK;
+		size_t fill = 0;
+		while (fill < BLOCK && slot[fill] == SEQIO_FILL)
+			fill++;
+		fprintf(stderr, "gmem-io: seqio: %llu of %llu slots in RAM do not hold their "
+			"block; the first, %llu, holds %s\n",
+			(unsigned long long)bad, (unsigned long long)blocks,
+			(unsigned long long)first_bad,
+			fill == BLOCK ? "the 0xa5 fill (the device's write never showed)"
+				      : "other data");
+		rc = 1;
+	}
+	if (sum != disk_sum) {
+		fprintf(stderr, "gmem-io: seqio: the disk's checksum %016llx differs from the "
+			"running one %016llx\n",
+			(unsigned long long)disk_sum, (unsigned long long)sum);
+		rc = 1;
+	}
+	return rc;
+}
+
 int main(int argc, char **argv)
 {
 	if (argc < 4)
@@ -182,16 +364,20 @@ int main(int argc, char **argv)
 	rng_state |= 1;
 
 	const char *op = argv[1], *dev = argv[2];
+	int rc = 0;
 	if (!strcmp(op, "seq-write") && argc == 4)
 		seq(dev, parse_u64(argv[3]), 1);
 	else if (!strcmp(op, "seq-read") && argc == 4)
 		seq(dev, parse_u64(argv[3]), 0);
 	else if (!strcmp(op, "rand-read") && (argc == 4 || argc == 5))
 		rand_read(dev, parse_u64(argv[3]), argc == 5 ? parse_u64(argv[4]) : 0);
+	else if (!strcmp(op, "seqio") && (argc == 5 || argc == 6))
+		rc = seqio(dev, parse_u64(argv[3]), parse_num(argv[4], 1),
+			   argc == 6 ? parse_num(argv[5], 1) : 0);
 	else
 		usage();
 	/* stdout may be a pipe: make a failed write of the result line visible. */
 	if (fflush(stdout))
 		die("stdout");
-	return 0;
+	return rc;
 }

@@ -40,15 +40,30 @@ pub struct GmemdOptions {
     pub memory: String,
     /// `--queues`.
     pub queues: u16,
-    /// Size of the fresh raw disk image.
+    /// Size of the fresh raw disk image (unused with `disk`).
     pub disk_bytes: u64,
+    /// An existing raw image to serve instead of a fresh one, e.g. the
+    /// source's image for a migration destination (the shared storage two
+    /// real hosts would have).
+    pub disk: Option<PathBuf>,
+    /// A named network namespace to run gmemd in (`ip netns exec`, which
+    /// execs, so [`Gmemd::pid`] stays gmemd's), e.g. a
+    /// [`HostPair`](crate::net::HostPair) side.
+    pub netns: Option<String>,
     /// Further arguments.
     pub extra: Vec<String>,
 }
 
 impl Default for GmemdOptions {
     fn default() -> Self {
-        GmemdOptions { memory: "512M".into(), queues: 1, disk_bytes: 256 << 20, extra: Vec::new() }
+        GmemdOptions {
+            memory: "512M".into(),
+            queues: 1,
+            disk_bytes: 256 << 20,
+            disk: None,
+            netns: None,
+            extra: Vec::new(),
+        }
     }
 }
 
@@ -62,20 +77,37 @@ pub struct Gmemd {
     pub control: PathBuf,
     /// vhost-user socket.
     pub socket: PathBuf,
-    /// The raw disk image.
+    /// The raw disk image (in `dir`, unless [`GmemdOptions::disk`] named
+    /// another).
     pub disk: PathBuf,
 }
 
 impl Gmemd {
-    /// Starts gmemd with `options` on a fresh sparse disk and waits until its
-    /// control socket answers.
+    /// Starts gmemd with `options` (on a fresh sparse disk unless
+    /// [`GmemdOptions::disk`] names one) and waits until its control socket
+    /// answers.
     pub fn start(options: &GmemdOptions) -> Result<Gmemd> {
         let dir = tempfile::Builder::new().prefix("gmemd-test-").tempdir()?;
-        let disk = dir.path().join("disk.raw");
-        std::fs::File::create(&disk)?.set_len(options.disk_bytes)?;
+        let disk = match &options.disk {
+            Some(disk) => disk.clone(),
+            None => {
+                let disk = dir.path().join("disk.raw");
+                std::fs::File::create(&disk)?.set_len(options.disk_bytes)?;
+                disk
+            }
+        };
         let (control, socket) = (dir.path().join("control.sock"), dir.path().join("vhost.sock"));
         let log = std::fs::File::create(dir.path().join("gmemd.log"))?;
-        let child = Command::new(binaries()?.join("gmemd"))
+        let gmemd = binaries()?.join("gmemd");
+        let mut command = match &options.netns {
+            Some(netns) => {
+                let mut ip = Command::new("ip");
+                ip.args(["netns", "exec", netns]).arg(gmemd);
+                ip
+            }
+            None => Command::new(gmemd),
+        };
+        let child = command
             .arg("--socket").arg(&socket)
             .arg("--control").arg(&control)
             .arg("--disk").arg(&disk)

@@ -3,8 +3,9 @@
 //!
 //! The guest's init runs one agent chosen on the kernel command line
 //! (`agent=NAME agent.KEY=VALUE ...`, see [`agent_append`]). Agents print
-//! `GMEMD-RESULT key=value ...` lines, init prints `GMEMD-AGENT-EXIT <rc>` and
-//! powers off; [`AgentResults::parse`] turns the captured serial text back
+//! `GMEMD-RESULT key=value ...` lines (long-running ones also
+//! `GMEMD-PROGRESS key=<count>` lines), init prints `GMEMD-AGENT-EXIT <rc>`
+//! and powers off; [`AgentResults::parse`] turns the captured serial text back
 //! into values. Agents live in `scripts/guest/agents/`; each documents its
 //! parameters and result keys at the top.
 
@@ -16,6 +17,9 @@ use anyhow::{bail, Context, Result};
 
 /// Marker of a result line: `GMEMD-RESULT key=value key=value ...`.
 pub const RESULT_MARKER: &str = "GMEMD-RESULT";
+/// Marker of a progress line: `GMEMD-PROGRESS key=<count> ...`, e.g. the
+/// blocks the seqio agent has done so far. Not a result.
+pub const PROGRESS_MARKER: &str = "GMEMD-PROGRESS";
 /// Marker init prints with the agent's exit status before powering off.
 pub const EXIT_MARKER: &str = "GMEMD-AGENT-EXIT";
 /// Marker init prints just before it runs the agent:
@@ -123,6 +127,8 @@ pub fn agent_append(agent: &str, params: &[(&str, &str)]) -> String {
 pub struct AgentResults {
     /// Every `key=value` of every result line, in console order.
     pairs: Vec<(String, String)>,
+    /// Every numeric `key=count` of every progress line, in console order.
+    progress: Vec<(String, u64)>,
     exit: Option<i32>,
     started: Option<(String, Option<String>)>,
 }
@@ -159,6 +165,14 @@ impl AgentResults {
                         .pairs
                         .push((key.to_owned(), value[..end].to_owned()));
                 }
+            } else if let Some(rest) = after_marker(line, PROGRESS_MARKER) {
+                for token in rest.split_whitespace() {
+                    if let Some((key, count)) = token.split_once('=') {
+                        if let Ok(count) = count.parse() {
+                            results.progress.push((key.to_owned(), count));
+                        }
+                    }
+                }
             } else if let Some(rest) = after_marker(line, EXIT_MARKER) {
                 // A line cut short (QEMU killed mid-write) has no number: skip it.
                 if let Some(code) = rest.split_whitespace().next().and_then(|t| t.parse().ok()) {
@@ -194,6 +208,17 @@ impl AgentResults {
             .filter(|(k, _)| k == key)
             .map(|(_, v)| v.as_str())
             .collect()
+    }
+
+    /// The highest progress count reported for `key`, if any. Counts only
+    /// grow, and a line cut short (a count missing its last digits) cannot
+    /// lower the maximum.
+    pub fn progress(&self, key: &str) -> Option<u64> {
+        self.progress
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, count)| *count)
+            .max()
     }
 
     /// The agent's exit status, once init has reported it; `None` while the
@@ -294,6 +319,23 @@ mod tests {
         assert_eq!(r.get("cpus"), Some("2"));
         assert_eq!(r.get("x"), None);
         assert_eq!(r.get("y"), Some("2"));
+    }
+
+    #[test]
+    fn progress_lines_are_not_results() {
+        let serial = "GMEMD-AGENT-START seqio uptime=1.5\r\n\
+            GMEMD-PROGRESS seqio=256\r\n\
+            GMEMD-PROGRESS seqio=512\r\n\
+            GMEMD-RESULT seqio_blocks=600 seqio_bad_slots=0\r\n\
+            GMEMD-PROGRESS seqio=76";
+        let r = AgentResults::parse(serial);
+        assert_eq!(r.get("seqio"), None);
+        assert_eq!(r.get("seqio_blocks"), Some("600"));
+        assert_eq!(r.all("seqio_bad_slots"), ["0"]);
+        // The last line is cut short (768 in the making).
+        assert_eq!(r.progress("seqio"), Some(512));
+        assert_eq!(r.progress("other"), None);
+        assert_eq!(AgentResults::parse("GMEMD-RESULT seqio=5\n").progress("seqio"), None);
     }
 
     #[test]

@@ -1,9 +1,15 @@
-//! Test harness: the real gmemd, real QEMU and a real Linux guest.
+//! Test harness: the real gmemd, real QEMU and a real Linux guest; for
+//! migration tests, two simulated hosts.
 
 pub mod daemon;
 pub mod guest;
+pub mod migration;
+pub mod net;
+pub mod seqio;
 pub mod vm;
 
 pub use daemon::{binaries, Gmemd, GmemdOptions};
 pub use guest::{agent_append, AgentResults, GuestImage};
-pub use vm::Vm;
+pub use migration::{MigrationOptions, MigrationPair};
+pub use net::{DelayRelay, HostPair};
+pub use vm::{Vm, VmOptions};

@@ -1,35 +1,119 @@
 //! `Vm`: a real QEMU booting the test guest on a gmemd.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use gmem_qemu::{QemuCommand, QemuProcess, SerialSink};
+use gmem_qemu::{Output, QemuCommand, QemuProcess, QmpClient, SerialSink, SpawnOptions};
 
 use crate::daemon::Gmemd;
 use crate::guest::{agent_append, AgentResults, GuestImage};
 
-/// A booted guest; QEMU is killed on drop.
+/// How to start a [`Vm`].
+#[derive(Debug, Clone)]
+pub struct VmOptions {
+    /// Names the VM's files in its gmemd's directory: `<name>.serial` (the
+    /// guest console), `<name>.qmp` (QMP socket), `<name>.qemu.log` (QEMU's
+    /// stderr).
+    pub name: String,
+    /// vCPUs, at least 1.
+    pub cpus: u32,
+    /// The guest agent to run, with its parameters (see [`agent_append`]).
+    pub agent: String,
+    /// The agent's parameters.
+    pub params: Vec<(String, String)>,
+    /// A named network namespace to run QEMU in, e.g. a
+    /// [`HostPair`](crate::net::HostPair) side.
+    pub netns: Option<String>,
+    /// Start as a live-migration destination: `-incoming defer`, so QEMU
+    /// waits for `migrate-incoming` on QMP instead of booting. The kernel,
+    /// initrd and command line stay those of the agent, so the machine
+    /// matches a source started with the same options.
+    pub incoming: bool,
+}
+
+impl VmOptions {
+    /// One vCPU running `agent` with no parameters, in our namespace, booting.
+    pub fn new(name: &str, agent: &str) -> VmOptions {
+        VmOptions {
+            name: name.to_owned(),
+            cpus: 1,
+            agent: agent.to_owned(),
+            params: Vec::new(),
+            netns: None,
+            incoming: false,
+        }
+    }
+
+    /// Adds the agent parameter `key=value`.
+    pub fn param(mut self, key: &str, value: impl ToString) -> VmOptions {
+        self.params.push((key.to_owned(), value.to_string()));
+        self
+    }
+}
+
+/// A running QEMU with the test guest; QEMU is killed on drop.
 #[derive(Debug)]
 pub struct Vm {
     qemu: QemuProcess,
     serial: PathBuf,
+    qmp: PathBuf,
+    qemu_log: PathBuf,
 }
 
 impl Vm {
     /// Boots the guest on `gmemd` with `cpus` vCPUs and runs `agent`.
-    pub fn boot(gmemd: &Gmemd, name: &str, cpus: u32, agent: &str, params: &[(&str, &str)]) -> Result<Vm> {
+    pub fn boot(
+        gmemd: &Gmemd,
+        name: &str,
+        cpus: u32,
+        agent: &str,
+        params: &[(&str, &str)],
+    ) -> Result<Vm> {
+        let mut options = VmOptions {
+            cpus,
+            ..VmOptions::new(name, agent)
+        };
+        for (key, value) in params {
+            options = options.param(key, value);
+        }
+        Vm::start(gmemd, &options)
+    }
+
+    /// Starts QEMU on `gmemd` as `options` say, with a QMP socket.
+    pub fn start(gmemd: &Gmemd, options: &VmOptions) -> Result<Vm> {
         let image = GuestImage::ensure()?;
-        let serial = gmemd.dir.path().join(format!("{name}.serial"));
-        let mut client = gmemd.client()?;
-        let command = QemuCommand::for_daemon(&mut client)?
+        let dir = gmemd.dir.path();
+        let serial = dir.join(format!("{}.serial", options.name));
+        let qmp = dir.join(format!("{}.qmp", options.name));
+        let qemu_log = dir.join(format!("{}.qemu.log", options.name));
+        let params: Vec<(&str, &str)> = options
+            .params
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let mut command = QemuCommand::for_daemon(&mut gmemd.client()?)?
             .kernel(&image.kernel)
             .initrd(&image.initrd)
-            .append(agent_append(agent, params))
-            .cpus(std::num::NonZeroU32::new(cpus).context("cpus must be at least 1")?)
-            .serial(SerialSink::File(serial.clone()));
-        let qemu = QemuProcess::spawn(&command).context("starting QEMU")?;
-        Ok(Vm { qemu, serial })
+            .append(agent_append(&options.agent, &params))
+            .cpus(std::num::NonZeroU32::new(options.cpus).context("cpus must be at least 1")?)
+            .serial(SerialSink::File(serial.clone()))
+            .qmp(&qmp);
+        if options.incoming {
+            command = command.extra_args(["-incoming", "defer"]);
+        }
+        let spawn = SpawnOptions {
+            stdout: Output::Null,
+            stderr: Output::File(qemu_log.clone()),
+            netns: options.netns.clone(),
+        };
+        let qemu = QemuProcess::spawn_with(&command, &spawn).context("starting QEMU")?;
+        Ok(Vm {
+            qemu,
+            serial,
+            qmp,
+            qemu_log,
+        })
     }
 
     /// QEMU's pid.
@@ -37,25 +121,73 @@ impl Vm {
         self.qemu.pid()
     }
 
+    /// QEMU's QMP socket.
+    pub fn qmp_path(&self) -> &Path {
+        &self.qmp
+    }
+
+    /// A new QMP connection (capabilities negotiated), waiting for QEMU to
+    /// open its socket.
+    pub fn qmp(&mut self) -> Result<QmpClient> {
+        self.qemu
+            .qmp()
+            .with_context(|| format!("QMP of QEMU {}; its log:\n{}", self.pid(), self.qemu_log()))
+    }
+
     /// What the guest printed so far.
     pub fn serial_text(&self) -> String {
         std::fs::read_to_string(&self.serial).unwrap_or_default()
     }
 
+    /// What QEMU printed on stderr so far.
+    pub fn qemu_log(&self) -> String {
+        std::fs::read_to_string(&self.qemu_log).unwrap_or_default()
+    }
+
     /// Waits until the guest printed a result with `key`, QEMU exits, or
     /// `timeout` passes.
     pub fn wait_for(&mut self, key: &str, timeout: Duration) -> Result<AgentResults> {
+        self.wait_until(&format!("'{key}'"), timeout, |results| {
+            results.get(key).is_some()
+        })
+    }
+
+    /// Waits until the guest reported progress `key` of at least `count`
+    /// (see [`AgentResults::progress`]), QEMU exits, or `timeout` passes.
+    pub fn wait_for_progress(
+        &mut self,
+        key: &str,
+        count: u64,
+        timeout: Duration,
+    ) -> Result<AgentResults> {
+        self.wait_until(&format!("progress {key}>={count}"), timeout, |results| {
+            results.progress(key).is_some_and(|done| done >= count)
+        })
+    }
+
+    fn wait_until(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&AgentResults) -> bool,
+    ) -> Result<AgentResults> {
         let deadline = Instant::now() + timeout;
         loop {
             let results = AgentResults::parse(&self.serial_text());
-            if results.get(key).is_some() {
+            if done(&results) {
                 return Ok(results);
             }
             if let Some(status) = self.qemu.try_wait()? {
-                bail!("QEMU exited ({status}) before the guest reported '{key}'; serial:\n{}", self.serial_text());
+                bail!(
+                    "QEMU exited ({status}) before the guest reported {what}; {}",
+                    self.diagnostics()
+                );
             }
             if Instant::now() > deadline {
-                bail!("no '{key}' from the guest within {timeout:?}; serial:\n{}", self.serial_text());
+                bail!(
+                    "no {what} from the guest within {timeout:?}; {}",
+                    self.diagnostics()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -68,10 +200,16 @@ impl Vm {
                 let results = AgentResults::parse(&self.serial_text());
                 match results.exit_code() {
                     Some(0) => Ok(results),
-                    code => bail!("the guest agent failed (exit {code:?}); serial:\n{}", self.serial_text()),
+                    code => bail!(
+                        "the guest agent failed (exit {code:?}); {}",
+                        self.diagnostics()
+                    ),
                 }
             }
-            None => bail!("the guest did not power off within {timeout:?}; serial:\n{}", self.serial_text()),
+            None => bail!(
+                "the guest did not power off within {timeout:?}; {}",
+                self.diagnostics()
+            ),
         }
     }
 
@@ -79,5 +217,14 @@ impl Vm {
     pub fn kill(&mut self) -> Result<()> {
         self.qemu.kill()?;
         Ok(())
+    }
+
+    /// The serial console and QEMU's log, for error messages.
+    fn diagnostics(&self) -> String {
+        format!(
+            "serial:\n{}\nQEMU's log:\n{}",
+            self.serial_text(),
+            self.qemu_log()
+        )
     }
 }

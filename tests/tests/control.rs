@@ -11,7 +11,7 @@ use gmem_protocol::{Command, ControlClient, ErrorClass, EventKind, Reply, MAX_LI
 use gmem_tests::{Gmemd, GmemdOptions};
 
 fn small() -> GmemdOptions {
-    GmemdOptions { memory: "64M".into(), queues: 2, disk_bytes: 8 << 20, extra: Vec::new() }
+    GmemdOptions { memory: "64M".into(), queues: 2, disk_bytes: 8 << 20, ..GmemdOptions::default() }
 }
 
 fn error_class(reply: &Reply) -> Option<ErrorClass> {
