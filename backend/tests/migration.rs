@@ -211,6 +211,26 @@ fn postcopy_registers_after_the_fdless_add_mem_reg_ack_faults_and_ends() {
 }
 
 #[test]
+fn an_advised_postcopy_that_completed_in_precopy_lets_the_device_run() {
+    // QEMU sends ADVISE whenever postcopy-ram is on, but LISTEN and END only
+    // if it really switches to postcopy.
+    let daemon = Gmemd::start(&[]);
+    let mut fe = daemon.frontend();
+    fe.handshake(POSTCOPY);
+    let _uffd = fe.vu.postcopy_advise().expect("advise");
+    let mem = daemon.map_ram();
+    fe.set_table(&[mem.whole()]).expect("table");
+    let mut ring = Ring::create(&mem, RING, QUEUE_SIZE);
+    fe.start_queue(&mem, &ring, 0).expect("the guest runs: the device starts");
+    assert_eq!(fe.read(&mem, &mut ring, 0, BUF, 512).1, S_OK);
+    assert_eq!(daemon.ctl().query_migration().expect("query").state, MigrationState::None);
+    // And the next migration may use postcopy again.
+    let mut next = daemon.frontend();
+    next.handshake(POSTCOPY);
+    next.vu.postcopy_advise().expect("a later postcopy");
+}
+
+#[test]
 fn postcopy_with_set_mem_table_replies_with_gmemd_bases() {
     let daemon = Gmemd::start(&[]);
     let mut fe = daemon.frontend();

@@ -23,7 +23,7 @@ use gmem_protocol::MigrationState;
 use super::vring::{RingAddrs, Vring, WorkerContext, MAX_QUEUE_SIZE};
 use crate::daemon::{Daemon, FrontendStatus};
 use crate::memory::{Backing, GuestRam, MemRegionDesc, MemoryTable, TableError, MAX_MEM_SLOTS};
-use crate::migration::{PostcopySession, Tracking};
+use crate::migration::{PostcopyPhase, PostcopySession, Tracking};
 
 /// A failure reported to the frontend as a nack; the connection goes on.
 fn nack(message: impl std::fmt::Display) -> VhostError {
@@ -291,6 +291,15 @@ impl VhostUserBackendReqHandlerMut for FrontendConnection {
     }
 
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
+        if self.postcopy.as_ref().is_some_and(|s| s.phase() == PostcopyPhase::Advised) {
+            // The guest runs, but QEMU never sent LISTEN: the migration
+            // completed in precopy (QEMU sends no POSTCOPY_END then), so all
+            // of RAM is here and the userfaultfd has no use.
+            log::info!("frontend {}: postcopy was advised but the migration completed in precopy", self.id());
+            self.postcopy = None;
+            self.daemon.release_postcopy(self.id());
+            self.daemon.migration.set_state(MigrationState::None);
+        }
         if let Some(session) = self.postcopy.as_ref().filter(|s| !s.device_may_run()) {
             let message = format!(
                 "vring {index}: not started while postcopy is {:?}: guest RAM is not registered yet, and touching it now \
