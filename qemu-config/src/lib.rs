@@ -7,16 +7,23 @@
 //! - [`cmdline`]: [`QemuCommand`], the command line (guest RAM is always
 //!   gmemd's, never QEMU's own `-m` RAM);
 //! - [`qmp`]: [`QmpClient`], a small blocking QMP client;
+//! - [`migration`]: [`Migration`], live migration (precopy, postcopy,
+//!   postcopy recovery) driven over QMP;
 //! - [`process`]: [`QemuProcess`], a QEMU child that is killed on drop;
 //! - [`quote`]: shell and QEMU-option quoting.
 //!
 //! The `gmemctl` binary puts them together.
 
 pub mod cmdline;
+pub mod migration;
 pub mod process;
 pub mod qmp;
 pub mod quote;
 
 pub use cmdline::{Accel, CmdlineError, QemuCommand, SerialSink};
+pub use migration::{
+    prepare_destination, Endpoint, Migration, MigrationError, MigrationOptions, MigrationReport,
+    MigrationStatus, Progress, SwitchToPostcopy,
+};
 pub use process::{Output, ProcessError, QemuProcess, SpawnOptions};
 pub use qmp::{QmpClient, QmpError};

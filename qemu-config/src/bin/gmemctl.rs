@@ -1,4 +1,5 @@
-//! gmemctl: ask gmemd what it serves, and start QEMU guests attached to it.
+//! gmemctl: ask gmemd what it serves, start QEMU guests attached to it, and
+//! live-migrate them.
 
 use std::num::NonZeroU32;
 use std::os::unix::process::ExitStatusExt;
@@ -7,17 +8,22 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::error::ErrorKind;
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use gmem_protocol::ControlClient;
 use gmem_qemu::{Accel, QemuCommand, QemuProcess, QmpClient, SerialSink};
 
+#[path = "gmemctl/migrate.rs"]
+mod migrate;
+#[path = "gmemctl/progress.rs"]
+mod progress;
 #[path = "gmemctl/tables.rs"]
 mod tables;
 
-const ABOUT: &str = "Control gmemd and start QEMU guests attached to it";
+const ABOUT: &str = "Control gmemd, start QEMU guests attached to it, and migrate them";
 
 const LONG_ABOUT: &str = "\
-Control gmemd and start QEMU guests attached to it.
+Control gmemd, start QEMU guests attached to it, and migrate them.
 
 gmemd is a vhost-user-blk daemon that also owns the guest's RAM: it creates
 the RAM as memfd regions, and QEMU maps the same pages through
@@ -26,7 +32,10 @@ its own. The guest's disk is served by gmemd over a vhost-user socket.
 
 gmemctl asks a running gmemd, on its control socket, for its regions, socket
 and queues, and turns them into a QEMU command line: the first region is the
-machine's main RAM, further regions are pc-dimm devices.";
+machine's main RAM, further regions are pc-dimm devices.
+
+gmemctl migrate live-migrates a guest between two such QEMUs (each with its
+own gmemd), precopy or postcopy, over their QMP sockets.";
 
 const EXAMPLES: &str = "\
 Examples:
@@ -41,20 +50,38 @@ Examples:
   gmemctl --control /run/gmemd/control.sock launch \\
       --kernel vmlinuz --initrd initrd.img --append 'console=ttyS0 panic=-1'
 
+  # Migrate it to a second QEMU, started on a second gmemd as a destination:
+  gmemctl --control /run/gmemd2/control.sock launch --incoming defer \\
+      --qmp /run/dst.qmp --kernel vmlinuz --initrd initrd.img &
+  gmemctl migrate --from qmp=/run/src.qmp,control=/run/gmemd/control.sock \\
+      --to qmp=/run/dst.qmp,control=/run/gmemd2/control.sock \\
+      --uri unix:/run/mig.sock --postcopy
+
 Set RUST_LOG=info (or debug) to see what gmemctl does.";
 
 #[derive(Debug, Parser)]
 #[command(name = "gmemctl", version, about = ABOUT, long_about = LONG_ABOUT, after_help = EXAMPLES)]
 struct Cli {
-    /// gmemd's control socket (the PATH of `gmemd --control PATH`).
+    /// gmemd's control socket (the PATH of `gmemd --control PATH`); needed
+    /// by every command except migrate, which names its sockets in --from/--to.
     #[arg(long, value_name = "PATH")]
-    control: PathBuf,
+    control: Option<PathBuf>,
     #[command(subcommand)]
     command: Cmd,
 }
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
+    #[command(flatten)]
+    Gmemd(GmemdCmd),
+    /// Live-migrate a guest from one QEMU to another (precopy or postcopy).
+    #[command(long_about = migrate::LONG_ABOUT, after_help = migrate::EXAMPLES)]
+    Migrate(migrate::MigrateArgs),
+}
+
+/// The commands that talk to one gmemd (`--control`).
+#[derive(Debug, Subcommand)]
+enum GmemdCmd {
     /// Show gmemd's version, pid, uptime, vhost-user socket and frontends.
     Status(Format),
     /// Show the guest RAM regions gmemd owns.
@@ -116,6 +143,10 @@ struct VmArgs {
     /// Add aux-ram-share=on to -machine (needed for cpr-transfer).
     #[arg(long)]
     aux_ram_share: bool,
+    /// Start as a migration destination (-incoming): `defer` for
+    /// `gmemctl migrate`, which sets capabilities and then starts listening.
+    #[arg(long, value_name = "defer|URI")]
+    incoming: Option<String>,
     /// Further QEMU arguments, appended verbatim after `--`.
     #[arg(last = true, value_name = "QEMU ARGS")]
     extra: Vec<String>,
@@ -129,8 +160,11 @@ impl VmArgs {
             .cpus(self.cpus)
             .serial(self.serial.clone())
             .reconnect_ms(self.reconnect_ms)
-            .aux_ram_share(self.aux_ram_share)
-            .extra_args(self.extra.iter().cloned());
+            .aux_ram_share(self.aux_ram_share);
+        if let Some(incoming) = &self.incoming {
+            cmd = cmd.extra_args(["-incoming", incoming]);
+        }
+        cmd = cmd.extra_args(self.extra.iter().cloned());
         if let Some(kernel) = &self.kernel {
             cmd = cmd.kernel(kernel);
         }
@@ -175,26 +209,42 @@ fn describe(error: &anyhow::Error) -> String {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
-    let mut client = ControlClient::connect(&cli.control).with_context(|| {
-        format!(
-            "connecting to gmemd's control socket {}",
-            cli.control.display()
-        )
-    })?;
-    match cli.command {
-        Cmd::Status(format) => {
+    let (command, control) = match (cli.command, cli.control) {
+        (Cmd::Migrate(args), None) => {
+            migrate::run(&args)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        (Cmd::Migrate(_), Some(_)) => Cli::command()
+            .error(
+                ErrorKind::ArgumentConflict,
+                "migrate takes gmemd's control sockets in --from and --to \
+                 (qmp=PATH,control=PATH), not --control",
+            )
+            .exit(),
+        (Cmd::Gmemd(command), Some(control)) => (command, control),
+        (Cmd::Gmemd(_), None) => Cli::command()
+            .error(
+                ErrorKind::MissingRequiredArgument,
+                "--control PATH (gmemd's control socket) is required for this command",
+            )
+            .exit(),
+    };
+    let mut client = ControlClient::connect(&control)
+        .with_context(|| format!("connecting to gmemd's control socket {}", control.display()))?;
+    match command {
+        GmemdCmd::Status(format) => {
             let status = client.query_status().context("query-status")?;
             tables::print(format.json, &status, tables::status)?;
         }
-        Cmd::Regions(format) => {
+        GmemdCmd::Regions(format) => {
             let regions = client.query_regions().context("query-regions")?;
             tables::print(format.json, regions.as_slice(), tables::regions)?;
         }
-        Cmd::Device(format) => {
+        GmemdCmd::Device(format) => {
             let device = client.query_device().context("query-device")?;
             tables::print(format.json, &device, tables::device)?;
         }
-        Cmd::QemuArgs { vm, json } => {
+        GmemdCmd::QemuArgs { vm, json } => {
             let args = vm.build(&mut client)?.to_args();
             if json {
                 println!("{}", serde_json::to_string(&args)?);
@@ -202,7 +252,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{}", gmem_qemu::quote::shell_join(&args));
             }
         }
-        Cmd::Launch { vm, qemu } => {
+        GmemdCmd::Launch { vm, qemu } => {
             let cmd = vm.build(&mut client)?.qemu_binary(qemu);
             drop(client);
             return launch(cmd, vm.qmp.is_none());

@@ -1,4 +1,5 @@
-//! Human-readable renderings of gmemd's replies for `gmemctl status|regions|device`.
+//! Human-readable renderings of gmemd's replies for `gmemctl status|regions|device`,
+//! and the field and size formatting the other commands share.
 
 use std::fmt::Write;
 
@@ -110,7 +111,7 @@ pub fn device(device: &DeviceInfo) -> String {
 }
 
 /// `name  value` lines with the values aligned.
-fn fields(pairs: &[(&str, String)]) -> String {
+pub fn fields(pairs: &[(&str, String)]) -> String {
     let width = pairs.iter().map(|(name, _)| name.len()).max().unwrap_or(0);
     pairs.iter().fold(String::new(), |mut out, (name, value)| {
         let _ = writeln!(out, "{name:width$}  {value}");
@@ -141,7 +142,7 @@ fn table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) -> String {
 }
 
 /// Sizes as people read them: binary units, one decimal.
-fn bytes(n: u64) -> String {
+pub fn bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut value = n as f64;
     let mut unit = 0;

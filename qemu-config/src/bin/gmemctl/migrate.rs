@@ -1,0 +1,344 @@
+//! `gmemctl migrate`: live-migrate a guest between two QEMUs, each attached
+//! to its own gmemd.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use clap::Args;
+use gmem_protocol::ControlClient;
+use gmem_qemu::migration::{query_migrate, Side, DEFAULT_MIGRATION_TIMEOUT};
+use gmem_qemu::{
+    prepare_destination, Endpoint, Migration, MigrationError, MigrationOptions, MigrationStatus,
+    QmpClient, SwitchToPostcopy,
+};
+
+use crate::progress::{summary, ProgressDisplay};
+
+pub const LONG_ABOUT: &str = "\
+Live-migrate a guest from one QEMU to another over QMP.
+
+The destination QEMU must have been started with the same machine and
+devices as the source, attached to its own gmemd, and with `-incoming defer`
+(`gmemctl --control DST_GMEMD.sock launch --incoming defer ...`), so that
+gmemctl can set its capabilities before it listens.
+
+gmemctl then:
+  1. destination: migrate-set-capabilities (postcopy-ram and postcopy-blocktime
+     with --postcopy), migrate-incoming --uri;
+  2. source: migrate-set-capabilities, migrate-set-parameters (bandwidth,
+     downtime limit), migrate --connect-uri (default: --uri);
+  3. polls query-migrate every 100 ms, draws progress on stderr, sends
+     migrate-start-postcopy when due;
+  4. waits for both sides to complete and the guest to run on the destination,
+     and prints a summary (or, with --json, one JSON object).
+
+Precopy copies RAM while the guest runs on the source, then stops it briefly
+to send the rest. With --postcopy the guest moves to the destination after
+the first full pass (or after --postcopy-after) and pages it still lacks are
+fetched from the source on demand: the destination gmemd's device faults on
+them too (it needs userfaultfd, i.e. root). A postcopy migration cannot be
+cancelled; if its connection breaks it pauses (the guest waits for missing
+pages), and `gmemctl migrate --resume` with the same arguments recovers it.
+
+QEMU's QMP sockets serve one client at a time: nothing else may hold them.";
+
+pub const EXAMPLES: &str = "\
+Examples:
+  # Precopy between two hosts (the destination listens on 10.0.0.2:4444):
+  gmemctl migrate --from qmp=/run/src.qmp,control=/run/gmemd-src.sock \\
+      --to qmp=/run/dst.qmp,control=/run/gmemd-dst.sock --uri tcp:10.0.0.2:4444
+
+  # Postcopy 2 s after the start, precopy throttled to 100 MiB/s, for a script:
+  gmemctl migrate --from src.qmp --to dst.qmp --uri unix:/tmp/mig.sock \\
+      --postcopy-after 2 --max-bandwidth 100M --json
+
+  # The postcopy connection broke and the migration paused: recover it.
+  gmemctl migrate --from src.qmp --to dst.qmp --uri unix:/tmp/mig.sock --resume";
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// The source: its QEMU's QMP socket, and optionally its gmemd's control
+    /// socket (for dirty-log figures). A bare PATH means qmp=PATH.
+    #[arg(long, value_name = "qmp=PATH[,control=PATH]")]
+    from: EndpointSpec,
+    /// The destination: its QEMU's QMP socket, and optionally its gmemd's
+    /// control socket (for postcopy device faults and their latency).
+    #[arg(long, value_name = "qmp=PATH[,control=PATH]")]
+    to: EndpointSpec,
+    /// Where the destination listens, e.g. tcp:HOST:PORT or unix:PATH.
+    #[arg(long, value_name = "URI")]
+    uri: String,
+    /// Where the source connects, when it differs from --uri (a relay or
+    /// NAT in between).
+    #[arg(long, value_name = "URI")]
+    connect_uri: Option<String>,
+    /// Switch to postcopy once precopy has sent all RAM once.
+    #[arg(long)]
+    postcopy: bool,
+    /// Switch to postcopy this many seconds after the start (implies --postcopy).
+    #[arg(long, value_name = "SECONDS")]
+    postcopy_after: Option<Seconds>,
+    /// Precopy bandwidth cap in bytes/s, with K, M, G suffixes (powers of
+    /// 1024), e.g. 100M [default: QEMU's, 128M unless changed].
+    #[arg(long, value_name = "BYTES_PER_SEC", value_parser = parse_bytes)]
+    max_bandwidth: Option<u64>,
+    /// Bandwidth cap for the pages postcopy pushes in the background, bytes/s
+    /// [default: QEMU's, unlimited unless changed].
+    #[arg(long, value_name = "BYTES_PER_SEC", value_parser = parse_bytes)]
+    max_postcopy_bandwidth: Option<u64>,
+    /// The downtime precopy aims for, in milliseconds [default: QEMU's, 300].
+    #[arg(long, value_name = "MS")]
+    downtime_limit: Option<u64>,
+    /// Give up after this many seconds; a precopy migration is then
+    /// cancelled and the guest stays on the source.
+    #[arg(long, value_name = "SECONDS", default_value_t = Seconds(DEFAULT_MIGRATION_TIMEOUT))]
+    timeout: Seconds,
+    /// Take over a migration already under way: if it paused in postcopy,
+    /// recover it (migrate-recover on the destination at --uri, migrate
+    /// resume on the source), then wait for it as usual.
+    #[arg(long)]
+    resume: bool,
+    /// Print the final report as one JSON object instead of a summary.
+    #[arg(long)]
+    json: bool,
+}
+
+impl MigrateArgs {
+    fn options(&self) -> MigrationOptions {
+        let mut options = MigrationOptions::new(&self.uri);
+        if let Some(connect_uri) = &self.connect_uri {
+            options.connect_uri = connect_uri.clone();
+        }
+        options.postcopy = match (self.postcopy_after, self.postcopy) {
+            (Some(Seconds(delay)), _) => Some(SwitchToPostcopy::After(delay)),
+            (None, true) => Some(SwitchToPostcopy::AfterFirstPass),
+            (None, false) => None,
+        };
+        options.max_bandwidth = self.max_bandwidth;
+        options.max_postcopy_bandwidth = self.max_postcopy_bandwidth;
+        options.downtime_limit_ms = self.downtime_limit;
+        options.timeout = self.timeout.0;
+        options
+    }
+}
+
+/// `qmp=PATH[,control=PATH]`, or a bare QMP socket path.
+#[derive(Debug, Clone)]
+struct EndpointSpec {
+    qmp: PathBuf,
+    control: Option<PathBuf>,
+}
+
+impl FromStr for EndpointSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if !s.contains('=') {
+            return Ok(EndpointSpec {
+                qmp: s.into(),
+                control: None,
+            });
+        }
+        let (mut qmp, mut control) = (None, None);
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("qmp", path)) if !path.is_empty() => qmp = Some(path.into()),
+                Some(("control", path)) if !path.is_empty() => control = Some(path.into()),
+                _ => {
+                    return Err(format!(
+                        "unknown part {part:?}: use qmp=PATH[,control=PATH]"
+                    ))
+                }
+            }
+        }
+        let qmp = qmp.ok_or("missing qmp=PATH (the QEMU's QMP socket)")?;
+        Ok(EndpointSpec { qmp, control })
+    }
+}
+
+/// The connections to one side.
+struct Connected {
+    qmp: QmpClient,
+    gmemd: Option<ControlClient>,
+}
+
+impl Connected {
+    fn open(spec: &EndpointSpec, side: Side) -> Result<Self> {
+        let qmp = QmpClient::connect(&spec.qmp, Duration::from_secs(5)).with_context(|| {
+            format!(
+                "connecting to the {side} QEMU's QMP socket {}",
+                spec.qmp.display()
+            )
+        })?;
+        let gmemd = spec
+            .control
+            .as_ref()
+            .map(|path| {
+                ControlClient::connect(path).with_context(|| {
+                    format!(
+                        "connecting to the {side} gmemd's control socket {}",
+                        path.display()
+                    )
+                })
+            })
+            .transpose()?;
+        Ok(Connected { qmp, gmemd })
+    }
+
+    fn endpoint(&mut self) -> Endpoint<'_> {
+        Endpoint {
+            qmp: &mut self.qmp,
+            gmemd: self.gmemd.as_mut(),
+        }
+    }
+}
+
+pub fn run(args: &MigrateArgs) -> Result<()> {
+    let options = args.options();
+    let mut src = Connected::open(&args.from, Side::Source)?;
+    let mut dst = Connected::open(&args.to, Side::Destination)?;
+    let mut migration = if args.resume {
+        take_over(&mut src.qmp, &mut dst.qmp, &options)?
+    } else {
+        prepare_destination(&mut dst.qmp, &options)?;
+        Migration::start(&mut src.qmp, &options)?
+    };
+    let mut display = ProgressDisplay::new();
+    let result = migration.wait(src.endpoint(), dst.endpoint(), |p| display.show(p));
+    display.finish();
+    match result {
+        Ok(report) if args.json => println!("{}", serde_json::to_string(&report)?),
+        Ok(report) => print!("{}", summary(&report)),
+        Err(MigrationError::Timeout { status, elapsed }) if !status.is_postcopy() => {
+            migration
+                .cancel(&mut src.qmp)
+                .context("cancelling the migration after the timeout")?;
+            return Err(anyhow!(
+                "no completion after {:.0} s ({status}): migration cancelled, the guest keeps \
+                 running on the source",
+                elapsed.as_secs_f64()
+            ));
+        }
+        Err(e @ MigrationError::Timeout { .. }) => {
+            return Err(anyhow!(
+                "{e}; a postcopy migration cannot be cancelled (the guest runs on the \
+                 destination): keep waiting with the same command plus --resume"
+            ));
+        }
+        Err(e @ MigrationError::PostcopyPaused { .. }) => {
+            return Err(anyhow!(
+                "{e}; the guest runs on the destination and waits for the pages still on the \
+                 source: once the connection works again, run the same command plus --resume \
+                 (--uri may change)"
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(())
+}
+
+/// Attaches to the migration the source runs and, if it paused in
+/// postcopy, recovers it.
+fn take_over(
+    src: &mut QmpClient,
+    dst: &mut QmpClient,
+    options: &MigrationOptions,
+) -> Result<Migration> {
+    let mut migration = Migration::attach(src, options)
+        .context("--resume needs a migration under way on the source")?;
+    if query_migrate(src, Side::Source)?.status() == MigrationStatus::PostcopyPaused {
+        log::info!("recovering the paused postcopy migration");
+        migration.recover(dst, &options.listen_uri)?;
+        migration.resume(src, &options.connect_uri)?;
+    }
+    Ok(migration)
+}
+
+/// A duration given in seconds, fractions allowed: `2`, `0.5`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Seconds(Duration);
+
+impl FromStr for Seconds {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        text.parse::<f64>()
+            .ok()
+            .and_then(|seconds| Duration::try_from_secs_f64(seconds).ok())
+            .map(Seconds)
+            .ok_or_else(|| format!("{text:?} is not a number of seconds"))
+    }
+}
+
+impl fmt::Display for Seconds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0.as_secs_f64())
+    }
+}
+
+/// Bytes with an optional K, M, G or T suffix (powers of 1024, as QEMU
+/// reads them), optionally followed by `B` or `iB`: `4096`, `100M`, `1GiB`.
+fn parse_bytes(text: &str) -> Result<u64, String> {
+    let error = || format!("{text:?} is not a size: use bytes or a number with K, M, G or T");
+    let trimmed = text.trim();
+    let trimmed = trimmed
+        .strip_suffix("iB")
+        .or_else(|| trimmed.strip_suffix('B'))
+        .unwrap_or(trimmed);
+    let shift = match trimmed.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => 10,
+        Some('M') => 20,
+        Some('G') => 30,
+        Some('T') => 40,
+        _ => 0,
+    };
+    let digits = if shift == 0 {
+        trimmed
+    } else {
+        &trimmed[..trimmed.len() - 1]
+    };
+    let value: u64 = digits.parse().map_err(|_| error())?;
+    value.checked_mul(1 << shift).ok_or_else(error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_take_binary_suffixes() {
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert_eq!(parse_bytes("100M"), Ok(100 << 20));
+        assert_eq!(parse_bytes("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_bytes("64kB"), Ok(64 << 10));
+        assert!(parse_bytes("fast").is_err());
+        assert!(parse_bytes("99999999999T").is_err());
+    }
+
+    #[test]
+    fn seconds_may_be_fractions() {
+        assert_eq!("0.5".parse(), Ok(Seconds(Duration::from_millis(500))));
+        assert_eq!("3".parse(), Ok(Seconds(Duration::from_secs(3))));
+        assert!("-1".parse::<Seconds>().is_err());
+        assert_eq!(Seconds(DEFAULT_MIGRATION_TIMEOUT).to_string(), "600");
+    }
+
+    #[test]
+    fn endpoints_name_their_sockets() {
+        let full: EndpointSpec = "qmp=/run/q.sock,control=/run/g.sock"
+            .parse()
+            .expect("parse");
+        assert_eq!(full.qmp, PathBuf::from("/run/q.sock"));
+        assert_eq!(full.control, Some(PathBuf::from("/run/g.sock")));
+        let bare: EndpointSpec = "/run/q.sock".parse().expect("parse");
+        assert_eq!(
+            (bare.qmp, bare.control),
+            (PathBuf::from("/run/q.sock"), None)
+        );
+        assert!("control=/run/g.sock".parse::<EndpointSpec>().is_err());
+        assert!("qmp=/q,gmemd=/g".parse::<EndpointSpec>().is_err());
+    }
+}
