@@ -1,0 +1,195 @@
+//! Live migration of a guest doing block I/O, between two hosts (network
+//! namespaces joined by a veth), each with its own gmemd owning its RAM and
+//! both serving the same disk image. QEMU, the guest and both daemons are
+//! real; the QMP sequences are gmem_qemu::migration's.
+//!
+//! The guest runs the `seqio` agent: it writes numbered blocks to /dev/vda,
+//! keeps a running checksum in RAM and reads every block straight back into a
+//! slot of its own in guest RAM (the device writes that RAM). Migration
+//! starts while it runs; at the end, on the destination, it checks every slot
+//! in RAM and the disk against its checksum, and the host checks every block
+//! of the image. A device write the migration lost shows up as a stale slot.
+
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use gmem_protocol::MigrationState;
+use gmem_qemu::QmpClient;
+use gmem_qemu::migration::{
+    prepare_destination, Endpoint, Migration, MigrationOptions as Plan, MigrationReport,
+    SwitchToPostcopy,
+};
+use gmem_tests::seqio::{self, SeqioReport, PROGRESS_KEY};
+use gmem_tests::{DelayRelay, GmemdOptions, MigrationOptions, MigrationPair, VmOptions};
+
+/// Blocks the guest writes: 64 MiB, about 5 s of I/O under TCG.
+const BLOCKS: u64 = 16384;
+/// The port the destination QEMU listens on, in its own namespace.
+const PORT: u16 = 4444;
+/// Migration starts once the guest has written this many blocks.
+const START_AT: u64 = 1024;
+
+fn pair(name: &str, seed: u64, gmemd_extra: &[&str]) -> Result<MigrationPair> {
+    MigrationPair::start(&MigrationOptions {
+        gmemd: GmemdOptions {
+            memory: "512M".into(),
+            extra: gmemd_extra.iter().map(|s| s.to_string()).collect(),
+            ..GmemdOptions::default()
+        },
+        vm: VmOptions::new(name, "seqio").param("blocks", BLOCKS).param("seed", seed),
+    })
+}
+
+/// Where the source connects: straight to the destination, or to a relay.
+fn plan(pair: &MigrationPair, relay: Option<&DelayRelay>) -> Plan {
+    let listen = format!("tcp:{}:{PORT}", pair.hosts.dst_addr());
+    let mut plan = Plan::new(listen);
+    if let Some(relay) = relay {
+        plan.connect_uri = format!("tcp:{}", relay.addr());
+    }
+    plan.timeout = Duration::from_secs(120);
+    plan
+}
+
+/// Waits for the guest to be writing, then migrates with `plan`; `between`
+/// runs after `migrate` is sent (to interrupt the stream, say), with the
+/// source's and the destination's QMP (QEMU serves one QMP client at a time).
+fn migrate(
+    pair: &mut MigrationPair,
+    plan: &Plan,
+    between: impl FnOnce(&mut Migration, &mut QmpClient, &mut QmpClient, &MigrationPair) -> Result<()>,
+) -> Result<MigrationReport> {
+    pair.source_vm.wait_for_progress(PROGRESS_KEY, START_AT, Duration::from_secs(60))?;
+    let mut src_qmp = pair.source_vm.qmp()?;
+    let mut dst_qmp = pair.dest_vm.qmp()?;
+    prepare_destination(&mut dst_qmp, plan)?;
+    let mut migration = Migration::start(&mut src_qmp, plan)?;
+    between(&mut migration, &mut src_qmp, &mut dst_qmp, pair)?;
+    let (mut src_ctl, mut dst_ctl) = (pair.source.client()?, pair.dest.client()?);
+    let report = migration.wait(
+        Endpoint::new(&mut src_qmp).with_gmemd(&mut src_ctl),
+        Endpoint::new(&mut dst_qmp).with_gmemd(&mut dst_ctl),
+        |_| {},
+    );
+    let report = report.with_context(|| format!("migration failed; consoles:\n{}", pair.serial_text()))?;
+    eprintln!("migration report: {}", serde_json::to_string(&report).unwrap_or_default());
+    Ok(report)
+}
+
+/// Waits for the agent to finish on the destination and checks everything:
+/// it ran on both sides, every slot in guest RAM and the checksum verify,
+/// and every block of the disk image is what it wrote.
+fn verify(pair: &mut MigrationPair, seed: u64) -> Result<SeqioReport> {
+    let results = pair.dest_vm.wait_for("seqio_blocks", Duration::from_secs(120))?;
+    let report = SeqioReport::from_results(&results)?;
+    let before = gmem_tests::AgentResults::parse(&pair.source_vm.serial_text()).progress(PROGRESS_KEY).unwrap_or(0);
+    let after = results.progress(PROGRESS_KEY).unwrap_or(0);
+    ensure!(before >= START_AT && before < BLOCKS, "the source guest was not mid-run at the switch ({before} blocks)");
+    ensure!(after > before, "the destination guest did not continue the sequence (progress {after} after {before})");
+    ensure!(report.blocks == BLOCKS, "{report:?}");
+    ensure!(report.is_clean(), "the guest found lost data after the migration: {report:?}");
+    let disk_sum = seqio::verify_disk(&pair.source.disk, BLOCKS, seed)?;
+    ensure!(disk_sum == report.sum, "the image's checksum {disk_sum:016x} is not the guest's {:016x}", report.sum);
+    Ok(report)
+}
+
+#[test]
+fn precopy_with_the_guest_writing_continuously_loses_nothing() -> Result<()> {
+    let mut pair = pair("precopy", 11, &[])?;
+    let plan = plan(&pair, None);
+    let report = migrate(&mut pair, &plan, |_, _, _, _| Ok(()))?;
+    verify(&mut pair, 11)?;
+    let source = report.source_gmemd.as_ref().context("source gmemd figures")?;
+    ensure!(source.state == MigrationState::DirtyLogging, "{source:?}");
+    ensure!(source.dirty_log.pages_marked > 0 && source.device_bytes_written > 0, "the device logged nothing: {source:?}");
+    ensure!(!report.postcopy, "{report:?}");
+    Ok(())
+}
+
+#[test]
+fn precopy_without_dirty_logging_is_caught_by_the_verification() -> Result<()> {
+    // The source gmemd accepts QEMU's log but never marks it: pages the
+    // device wrote after QEMU had sent them arrive stale.
+    let mut pair = pair("nolog", 12, &["--test-skip-dirty-log"])?;
+    let plan = plan(&pair, None);
+    migrate(&mut pair, &plan, |_, _, _, _| Ok(()))?;
+    let outcome = verify(&mut pair, 12);
+    let error = outcome.err().context("the verification passed although the device's writes were not logged")?;
+    let text = format!("{error:#}");
+    ensure!(text.contains("lost data") || text.contains("differ"), "failed for another reason: {text}");
+    Ok(())
+}
+
+/// Precopy slow enough that much RAM is still missing when the guest moves
+/// over, then postcopy: the destination device faults on slots that have not
+/// arrived.
+fn postcopy_plan(pair: &MigrationPair, relay: Option<&DelayRelay>) -> Plan {
+    let mut plan = plan(pair, relay);
+    plan.max_bandwidth = Some(8 << 20);
+    plan.max_postcopy_bandwidth = Some(16 << 20);
+    plan.postcopy = Some(SwitchToPostcopy::After(Duration::from_millis(1500)));
+    plan
+}
+
+fn check_postcopy(report: &MigrationReport) -> Result<()> {
+    ensure!(report.postcopy, "the guest never ran in postcopy: {report:?}");
+    let dest = report.destination_gmemd.as_ref().context("destination gmemd figures")?;
+    ensure!(dest.state == MigrationState::PostcopyEnded, "{dest:?}");
+    ensure!(dest.postcopy.device_faults > 0, "the destination device never faulted on a missing page: {dest:?}");
+    ensure!(dest.postcopy.registered_bytes == 0, "still registered after the end: {dest:?}");
+    Ok(())
+}
+
+#[test]
+fn postcopy_with_the_device_faulting_on_missing_pages_loses_nothing() -> Result<()> {
+    let mut pair = pair("postcopy", 21, &[])?;
+    let plan = postcopy_plan(&pair, None);
+    let report = migrate(&mut pair, &plan, |_, _, _, _| Ok(()))?;
+    check_postcopy(&report)?;
+    verify(&mut pair, 21)?;
+    Ok(())
+}
+
+#[test]
+fn postcopy_over_a_delayed_capped_link_loses_nothing() -> Result<()> {
+    let mut pair = pair("postcopy-delay", 22, &[])?;
+    pair.hosts.limit_bandwidth("200mbit")?;
+    let relay = pair.hosts.delay_relay(PORT, Duration::from_millis(5))?;
+    let plan = postcopy_plan(&pair, Some(&relay));
+    let report = migrate(&mut pair, &plan, |_, _, _, _| Ok(()))?;
+    check_postcopy(&report)?;
+    verify(&mut pair, 22)?;
+    Ok(())
+}
+
+#[test]
+fn postcopy_interrupted_and_recovered_loses_nothing() -> Result<()> {
+    let mut pair = pair("postcopy-recover", 23, &[])?;
+    let relay = pair.hosts.delay_relay(PORT, Duration::ZERO)?;
+    let mut plan = postcopy_plan(&pair, Some(&relay));
+    plan.postcopy = Some(SwitchToPostcopy::After(Duration::ZERO));
+    let listen = plan.listen_uri.clone();
+    let connect = plan.connect_uri.clone();
+    let report = migrate(&mut pair, &plan, |migration, src, dst, pair| {
+        migration.switch_to_postcopy(src)?;
+        // Let the guest run on the destination and the device fault, then
+        // break the stream as a network failure would.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while dst.query_status()? != "running" {
+            ensure!(std::time::Instant::now() < deadline, "the guest never ran on the destination");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(1000));
+        relay.cut();
+        migration.recover(dst, &listen)?;
+        let paused = pair.dest.client()?.query_migration()?;
+        ensure!(paused.state == MigrationState::PostcopyRunning, "gmemd dropped its registration: {paused:?}");
+        migration.resume(src, &connect)?;
+        Ok(())
+    });
+    let report = report?;
+    ensure!(report.recoveries == 1, "{report:?}");
+    check_postcopy(&report)?;
+    verify(&mut pair, 23)?;
+    Ok(())
+}
