@@ -84,7 +84,7 @@ fn verify(pair: &mut MigrationPair, seed: u64) -> Result<SeqioReport> {
     let report = SeqioReport::from_results(&results)?;
     let before = gmem_tests::AgentResults::parse(&pair.source_vm.serial_text()).progress(PROGRESS_KEY).unwrap_or(0);
     let after = results.progress(PROGRESS_KEY).unwrap_or(0);
-    ensure!(before >= START_AT && before < BLOCKS, "the source guest was not mid-run at the switch ({before} blocks)");
+    ensure!((START_AT..BLOCKS).contains(&before), "the source guest was not mid-run at the switch ({before} blocks)");
     ensure!(after > before, "the destination guest did not continue the sequence (progress {after} after {before})");
     ensure!(report.blocks == BLOCKS, "{report:?}");
     ensure!(report.is_clean(), "the guest found lost data after the migration: {report:?}");
