@@ -11,7 +11,7 @@
  *   gmem-io rand-read DEV COUNT [SPAN_MIB]  COUNT 4 KiB pread()s at random
  *                                        4 KiB-aligned offsets in the first
  *                                        SPAN_MIB (default: whole device)
- *   gmem-io seqio DEV BLOCKS SEED [PACE_US]  migration workload, see seqio()
+ *   gmem-io seqio DEV BLOCKS SEED [PACE_US [STRIDE]]  migration workload, see seqio()
  *
  * Numbers are decimal. Prints one "GMEMD-RESULT key=value ..." line on
  * success; any error goes to stderr and the exit status is 1.
@@ -43,7 +43,7 @@ static void die(const char *what)
 static void usage(void)
 {
 	fprintf(stderr, "usage: gmem-io seq-write DEV MIB | seq-read DEV MIB | "
-			"rand-read DEV COUNT [SPAN_MIB] | seqio DEV BLOCKS SEED [PACE_US]\n");
+			"rand-read DEV COUNT [SPAN_MIB] | seqio DEV BLOCKS SEED [PACE_US [STRIDE]]\n");
 	exit(1);
 }
 
@@ -259,8 +259,28 @@ static volatile uint64_t seqio_sum;
  * seqio_max_op_us=M" (M: the slowest pwrite + pread of one block, in
  * microseconds) and returns 0, or 1 if a slot or the checksum is wrong.
  */
-static int seqio(const char *dev, uint64_t blocks, uint64_t seed, uint64_t pace_us)
+static uint64_t gcd(uint64_t a, uint64_t b)
 {
+	while (b) {
+		uint64_t t = a % b;
+		a = b;
+		b = t;
+	}
+	return a;
+}
+
+static int seqio(const char *dev, uint64_t blocks, uint64_t seed, uint64_t pace_us, uint64_t stride)
+{
+	/* Block i is read back into slot (i * stride) % blocks: a stride coprime
+	 * to blocks visits every slot once, and a large one makes the device's
+	 * writes jump around guest RAM instead of walking it in order (in
+	 * postcopy, QEMU streams the pages after a requested one, so a
+	 * sequential walk meets few missing pages). */
+	if (gcd(stride, blocks) != 1) {
+		fprintf(stderr, "gmem-io: seqio: stride %llu shares a factor with %llu blocks\n",
+			(unsigned long long)stride, (unsigned long long)blocks);
+		exit(1);
+	}
 	int fd = open(dev, O_RDWR | O_DIRECT);
 	if (fd < 0)
 		die(dev);
@@ -286,7 +306,7 @@ static int seqio(const char *dev, uint64_t blocks, uint64_t seed, uint64_t pace_
 		uint64_t write_us = now_us() - t0;
 		seqio_sum = fnv1a(seqio_sum, block, BLOCK);
 		t0 = now_us();
-		xfer(fd, 0, slots + i * BLOCK, BLOCK, i * BLOCK);
+		xfer(fd, 0, slots + (i * stride % blocks) * BLOCK, BLOCK, i * BLOCK);
 		uint64_t op_us = write_us + (now_us() - t0);
 		if (op_us > max_op_us)
 			max_op_us = op_us;
@@ -305,7 +325,7 @@ static int seqio(const char *dev, uint64_t blocks, uint64_t seed, uint64_t pace_
 	uint64_t bad = 0, first_bad = 0;
 	for (uint64_t i = 0; i < blocks; i++) {
 		seqio_pattern(seed, i, block);
-		if (memcmp(slots + i * BLOCK, block, BLOCK)) {
+		if (memcmp(slots + (i * stride % blocks) * BLOCK, block, BLOCK)) {
 			if (!bad++)
 				first_bad = i;
 		}
@@ -331,7 +351,7 @@ static int seqio(const char *dev, uint64_t blocks, uint64_t seed, uint64_t pace_
 	       (unsigned long long)max_op_us);
 	int rc = 0;
 	if (bad) {
-		unsigned char *slot = slots + first_bad * BLOCK;
+		unsigned char *slot = slots + (first_bad * stride % blocks) * BLOCK;
 		size_t fill = 0;
 		while (fill < BLOCK && slot[fill] == SEQIO_FILL)
 			fill++;
@@ -371,9 +391,10 @@ int main(int argc, char **argv)
 		seq(dev, parse_u64(argv[3]), 0);
 	else if (!strcmp(op, "rand-read") && (argc == 4 || argc == 5))
 		rand_read(dev, parse_u64(argv[3]), argc == 5 ? parse_u64(argv[4]) : 0);
-	else if (!strcmp(op, "seqio") && (argc == 5 || argc == 6))
+	else if (!strcmp(op, "seqio") && argc >= 5 && argc <= 7)
 		rc = seqio(dev, parse_u64(argv[3]), parse_num(argv[4], 1),
-			   argc == 6 ? parse_num(argv[5], 1) : 0);
+			   argc >= 6 ? parse_num(argv[5], 1) : 0,
+			   argc == 7 ? parse_u64(argv[6]) : 1);
 	else
 		usage();
 	/* stdout may be a pipe: make a failed write of the result line visible. */

@@ -29,14 +29,19 @@ const PORT: u16 = 4444;
 /// Migration starts once the guest has written this many blocks.
 const START_AT: u64 = 1024;
 
-fn pair(name: &str, seed: u64, gmemd_extra: &[&str]) -> Result<MigrationPair> {
+/// Slot stride of the postcopy runs: block i lands in slot i * 4099 mod
+/// BLOCKS, 16 MiB further each time, so the device keeps meeting pages QEMU
+/// has not streamed yet (it streams onward from each requested page).
+const SCATTERED: u64 = 4099;
+
+fn pair(name: &str, seed: u64, stride: u64, gmemd_extra: &[&str]) -> Result<MigrationPair> {
     MigrationPair::start(&MigrationOptions {
         gmemd: GmemdOptions {
             memory: "512M".into(),
             extra: gmemd_extra.iter().map(|s| s.to_string()).collect(),
             ..GmemdOptions::default()
         },
-        vm: VmOptions::new(name, "seqio").param("blocks", BLOCKS).param("seed", seed),
+        vm: VmOptions::new(name, "seqio").param("blocks", BLOCKS).param("seed", seed).param("stride", stride),
     })
 }
 
@@ -95,7 +100,7 @@ fn verify(pair: &mut MigrationPair, seed: u64) -> Result<SeqioReport> {
 
 #[test]
 fn precopy_with_the_guest_writing_continuously_loses_nothing() -> Result<()> {
-    let mut pair = pair("precopy", 11, &[])?;
+    let mut pair = pair("precopy", 11, 1, &[])?;
     let plan = plan(&pair, None);
     let report = migrate(&mut pair, &plan, |_, _, _, _| Ok(()))?;
     verify(&mut pair, 11)?;
@@ -110,7 +115,7 @@ fn precopy_with_the_guest_writing_continuously_loses_nothing() -> Result<()> {
 fn precopy_without_dirty_logging_is_caught_by_the_verification() -> Result<()> {
     // The source gmemd accepts QEMU's log but never marks it: pages the
     // device wrote after QEMU had sent them arrive stale.
-    let mut pair = pair("nolog", 12, &["--test-skip-dirty-log"])?;
+    let mut pair = pair("nolog", 12, 1, &["--test-skip-dirty-log"])?;
     let plan = plan(&pair, None);
     migrate(&mut pair, &plan, |_, _, _, _| Ok(()))?;
     let outcome = verify(&mut pair, 12);
@@ -142,7 +147,7 @@ fn check_postcopy(report: &MigrationReport) -> Result<()> {
 
 #[test]
 fn postcopy_with_the_device_faulting_on_missing_pages_loses_nothing() -> Result<()> {
-    let mut pair = pair("postcopy", 21, &[])?;
+    let mut pair = pair("postcopy", 21, SCATTERED, &[])?;
     let plan = postcopy_plan(&pair, None);
     let report = migrate(&mut pair, &plan, |_, _, _, _| Ok(()))?;
     check_postcopy(&report)?;
@@ -152,7 +157,7 @@ fn postcopy_with_the_device_faulting_on_missing_pages_loses_nothing() -> Result<
 
 #[test]
 fn postcopy_over_a_delayed_capped_link_loses_nothing() -> Result<()> {
-    let mut pair = pair("postcopy-delay", 22, &[])?;
+    let mut pair = pair("postcopy-delay", 22, SCATTERED, &[])?;
     pair.hosts.limit_bandwidth("200mbit")?;
     let relay = pair.hosts.delay_relay(PORT, Duration::from_millis(5))?;
     let plan = postcopy_plan(&pair, Some(&relay));
@@ -164,7 +169,7 @@ fn postcopy_over_a_delayed_capped_link_loses_nothing() -> Result<()> {
 
 #[test]
 fn postcopy_interrupted_and_recovered_loses_nothing() -> Result<()> {
-    let mut pair = pair("postcopy-recover", 23, &[])?;
+    let mut pair = pair("postcopy-recover", 23, SCATTERED, &[])?;
     let relay = pair.hosts.delay_relay(PORT, Duration::ZERO)?;
     let mut plan = postcopy_plan(&pair, Some(&relay));
     plan.postcopy = Some(SwitchToPostcopy::After(Duration::ZERO));

@@ -6,7 +6,9 @@
 # derived from AGENT_SEED (default 1) to the start of /dev/vda, one at a time
 # with O_DIRECT, reading each straight back into its own slot of a guest RAM
 # buffer the device writes (DMA), sleeping AGENT_PACE_US microseconds
-# (default 0) after each block. At the end it checks every slot in RAM and
+# (default 0) after each block. Block i goes to slot (i * AGENT_STRIDE) mod
+# AGENT_BLOCKS (default stride 1; any stride coprime to the block count; a
+# large one scatters the device's writes over guest RAM). At the end it checks every slot in RAM and
 # the checksum of the disk against the running checksum of what it wrote.
 # The host mirrors the pattern in gmem_tests::seqio to check the image.
 #
@@ -17,4 +19,4 @@
 #                        seqio_sum=<hex16> seqio_disk_sum=<hex16> seqio_max_op_us=M
 set -eu
 
-gmem-io seqio /dev/vda "${AGENT_BLOCKS:-16384}" "${AGENT_SEED:-1}" "${AGENT_PACE_US:-0}"
+gmem-io seqio /dev/vda "${AGENT_BLOCKS:-16384}" "${AGENT_SEED:-1}" "${AGENT_PACE_US:-0}" "${AGENT_STRIDE:-1}"
