@@ -7,29 +7,12 @@ use crate::memory::{Backing, RegionSpec};
 /// A command-line value that does not parse.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CliError {
-    /// Not a size.
-    #[error("'{0}' is not a size: use bytes or a number with K, M, G or T (e.g. 512M, 1G)")]
-    Size(String),
     /// A malformed --region.
     #[error("--region '{spec}': {why}; expected id=NAME,size=SIZE[,hugetlb][,path=FILE]")]
     Region { spec: String, why: String },
 }
 
-/// Parses `4096`, `64K`, `512M`, `1G`, `2GiB`, `1T` (powers of 1024).
-pub fn parse_size(text: &str) -> Result<u64, CliError> {
-    let error = || CliError::Size(text.to_string());
-    let trimmed = text.trim();
-    let trimmed = trimmed.strip_suffix("iB").or_else(|| trimmed.strip_suffix('B')).unwrap_or(trimmed);
-    let (digits, shift) = match trimmed.chars().last().map(|c| c.to_ascii_uppercase()) {
-        Some('K') => (&trimmed[..trimmed.len() - 1], 10),
-        Some('M') => (&trimmed[..trimmed.len() - 1], 20),
-        Some('G') => (&trimmed[..trimmed.len() - 1], 30),
-        Some('T') => (&trimmed[..trimmed.len() - 1], 40),
-        _ => (trimmed, 0),
-    };
-    let value: u64 = digits.parse().map_err(|_| error())?;
-    value.checked_mul(1u64 << shift).ok_or_else(error)
-}
+pub use gmem_protocol::parse_size;
 
 /// Parses one `--region id=NAME,size=SIZE[,hugetlb][,path=FILE]`.
 pub fn parse_region(spec: &str) -> Result<RegionSpec, CliError> {
@@ -59,19 +42,6 @@ pub fn parse_region(spec: &str) -> Result<RegionSpec, CliError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("64K"), Ok(64 << 10));
-        assert_eq!(parse_size("512M"), Ok(512 << 20));
-        assert_eq!(parse_size("1G"), Ok(1 << 30));
-        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
-        assert_eq!(parse_size("1g"), Ok(1 << 30));
-        for bad in ["", "G", "1X", "-1G", "99999999999T", "1.5G"] {
-            assert!(parse_size(bad).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn regions() {

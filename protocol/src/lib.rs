@@ -18,9 +18,11 @@
 mod client;
 mod command;
 mod reply;
+mod size;
 
 pub use client::{ClientError, ControlClient};
 pub use command::{Command, Request};
+pub use size::{parse_size, SizeError};
 pub use reply::{
     DeviceInfo, DeviceIoWindow, DirtyLogInfo, ErrorClass, ErrorReply, Event, EventKind,
     FrontendInfo, LatencySummary, MigrationInfo, MigrationState, PostcopyInfo, QueueInfo,
