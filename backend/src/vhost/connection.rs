@@ -18,12 +18,12 @@ use vhost::VhostUserMemoryRegionBase;
 use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::eventfd::EventFd;
 
-use gmem_protocol::MigrationState;
-
 use super::vring::{RingAddrs, Vring, WorkerContext, MAX_QUEUE_SIZE};
 use crate::daemon::{Daemon, FrontendStatus};
-use crate::memory::{Backing, GuestRam, MemRegionDesc, MemoryTable, TableError, MAX_MEM_SLOTS};
-use crate::migration::{PostcopyPhase, PostcopySession, Tracking};
+use crate::memory::{GuestRam, MemRegionDesc, MemoryTable, TableError, MAX_MEM_SLOTS};
+use crate::migration::{PostcopySession, Tracking};
+
+mod migration;
 
 /// A failure reported to the frontend as a nack; the connection goes on.
 fn nack(message: impl std::fmt::Display) -> VhostError {
@@ -100,17 +100,6 @@ impl FrontendConnection {
         self.status.started_queues.store(u32::try_from(started).unwrap_or(u32::MAX), Ordering::Relaxed);
     }
 
-    fn postcopy_listening(&self) -> bool {
-        self.postcopy.as_ref().is_some_and(PostcopySession::listening)
-    }
-
-    /// gmemd's own address of the view at `gpa`, which QEMU needs in
-    /// postcopy to translate our faults (the table was just updated).
-    fn backend_base(&self, gpa: u64) -> VhostResult<VhostUserMemoryRegionBase> {
-        let view = self.table.views().iter().find(|v| v.desc().gpa == gpa);
-        view.map(|v| v.host_addr()).ok_or(VhostError::BackendInternalError)
-    }
-
     fn event_idx(&self) -> bool {
         self.acked_features & (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX) != 0
     }
@@ -118,28 +107,7 @@ impl FrontendConnection {
 
 impl Drop for FrontendConnection {
     fn drop(&mut self) {
-        if self.tracking.log.enabled() {
-            self.tracking.log.set_enabled(false);
-            self.daemon.migration.set_state(MigrationState::None);
-        }
-        match self.postcopy.take() {
-            Some(session) if session.registered() => {
-                // QEMU went away with pages still missing: nobody will ever
-                // place them. Unregistering would let workers read zeros and
-                // write them to the disk, so the registration stays and any
-                // worker waiting on a page is left waiting.
-                log::error!(
-                    "frontend {} disconnected during postcopy: guest RAM is incomplete and stays registered;                      restart gmemd before reusing it",
-                    self.id()
-                );
-                std::mem::forget(session);
-                for vring in &mut self.vrings {
-                    vring.abandon();
-                }
-            }
-            Some(_) => self.daemon.release_postcopy(self.id()),
-            None => {}
-        }
+        self.end_migration_on_disconnect();
         self.stop_all();
     }
 }
@@ -172,19 +140,7 @@ impl VhostUserBackendReqHandlerMut for FrontendConnection {
             return Err(nack(format!("features {:#x} were not offered", features & !offered)));
         }
         self.acked_features = features;
-        // QEMU waits for this reply before it relies on the log: from here
-        // on every device write is marked.
-        let logging = features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
-        if logging != self.tracking.log.enabled() {
-            self.tracking.log.set_enabled(logging);
-            let migration = &self.daemon.migration;
-            match (logging, migration.state()) {
-                (true, MigrationState::None | MigrationState::PostcopyEnded) => migration.set_state(MigrationState::DirtyLogging),
-                (false, MigrationState::DirtyLogging) => migration.set_state(MigrationState::None),
-                _ => {}
-            }
-            log::info!("frontend {}: dirty logging {}", self.id(), if logging { "on" } else { "off" });
-        }
+        self.set_logging(features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0);
         let event_idx = self.event_idx();
         for vring in &mut self.vrings {
             vring.set_event_idx(event_idx);
@@ -291,24 +247,7 @@ impl VhostUserBackendReqHandlerMut for FrontendConnection {
     }
 
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
-        if self.postcopy.as_ref().is_some_and(|s| s.phase() == PostcopyPhase::Advised) {
-            // The guest runs, but QEMU never sent LISTEN: the migration
-            // completed in precopy (QEMU sends no POSTCOPY_END then), so all
-            // of RAM is here and the userfaultfd has no use.
-            log::info!("frontend {}: postcopy was advised but the migration completed in precopy", self.id());
-            self.postcopy = None;
-            self.daemon.release_postcopy(self.id());
-            self.daemon.migration.set_state(MigrationState::None);
-        }
-        if let Some(session) = self.postcopy.as_ref().filter(|s| !s.device_may_run()) {
-            let message = format!(
-                "vring {index}: not started while postcopy is {:?}: guest RAM is not registered yet, and touching it now \
-                 would break QEMU's page placement",
-                session.phase()
-            );
-            log::error!("frontend {}: {message}", self.id());
-            return Err(nack(message));
-        }
+        self.device_may_start(index)?;
         let context = WorkerContext {
             device: Arc::clone(&self.daemon.device),
             ram: self.ram.clone(),
@@ -395,67 +334,23 @@ impl VhostUserBackendReqHandlerMut for FrontendConnection {
     }
 
     fn postcopy_advice(&mut self) -> VhostResult<File> {
-        // The vhost crate answers a failure with a reply that carries no fd,
-        // which QEMU reports as postcopy being unavailable.
-        let refuse = |message: String| {
-            log::error!("frontend {}: POSTCOPY_ADVISE refused: {message}", self.id());
-            Err(nack(message))
-        };
-        if self.vrings.iter().any(Vring::started) {
-            return refuse("vrings are running; postcopy needs the device stopped until guest RAM is registered".into());
-        }
-        if let Err(owner) = self.daemon.claim_postcopy(self.id()) {
-            return refuse(format!("frontend {owner} is in postcopy on the same guest RAM"));
-        }
-        let hugetlb = self.daemon.regions.iter().any(|r| matches!(r.backing(), Backing::MemfdHugetlb));
-        match PostcopySession::advise(Arc::clone(&self.daemon.migration), hugetlb) {
-            Ok((session, for_qemu)) => {
-                log::info!("frontend {}: postcopy advised; QEMU holds the userfaultfd", self.id());
-                self.postcopy = Some(session);
-                Ok(for_qemu)
-            }
-            Err(error) => {
-                self.daemon.release_postcopy(self.id());
-                refuse(error.to_string())
-            }
-        }
+        self.advise_postcopy()
     }
 
     fn postcopy_listen(&mut self) -> VhostResult<()> {
-        let session = self.postcopy.as_mut().ok_or_else(|| nack("POSTCOPY_LISTEN before POSTCOPY_ADVISE"))?;
-        session.listen().map_err(nack)
+        self.listen_postcopy()
     }
 
     fn postcopy_end(&mut self) -> VhostResult<()> {
-        let session = self.postcopy.as_mut().ok_or_else(|| nack("POSTCOPY_END without postcopy"))?;
-        let ended = session.end();
-        self.postcopy = None;
-        self.daemon.release_postcopy(self.id());
-        log::info!("frontend {}: postcopy ended; guest RAM unregistered", self.id());
-        ended.map_err(|e| {
-            log::error!("frontend {}: {e}", self.id());
-            nack(e)
-        })
+        self.end_postcopy()
     }
 
     fn postcopy_ack_mem_regions(&mut self) -> VhostResult<()> {
-        let id = self.id();
-        let session = self.postcopy.as_mut().ok_or_else(|| nack("memory-table ack without postcopy"))?;
-        // QEMU expects no reply to its ack: a failure is logged, and the
-        // vrings then refuse to start (the device must not run unregistered).
-        session.register(self.table.views()).map_err(|e| {
-            log::error!("frontend {id}: postcopy registration failed: {e}");
-            nack(e)
-        })
+        self.register_postcopy_table()
     }
 
     fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VhostResult<()> {
-        // QEMU waits for the reply, which only success sends: a failure ends
-        // the connection, so QEMU's migration fails instead of hanging.
-        self.tracking.log.set_base(file, log.mmap_size, log.mmap_offset).map_err(|e| {
-            log::error!("frontend {}: {e}; closing the connection", self.id());
-            VhostError::InvalidParam
-        })
+        self.map_dirty_log(log, file)
     }
 }
 

@@ -1,0 +1,163 @@
+//! The migration messages of a [`FrontendConnection`]: dirty logging on the
+//! source, the postcopy session on the destination (docs/migration.md).
+
+use std::fs::File;
+use std::sync::Arc;
+
+use gmem_protocol::MigrationState;
+use vhost::vhost_user::message::VhostUserLog;
+use vhost::vhost_user::{Error as VhostError, Result as VhostResult};
+use vhost::VhostUserMemoryRegionBase;
+
+use super::{nack, FrontendConnection};
+use crate::memory::Backing;
+use crate::migration::{PostcopyPhase, PostcopySession};
+use crate::vhost::vring::Vring;
+
+impl FrontendConnection {
+    /// VHOST_F_LOG_ALL acked or not (SET_FEATURES). QEMU waits for the
+    /// reply before it relies on the log: from here on every device write
+    /// is marked.
+    pub(super) fn set_logging(&mut self, logging: bool) {
+        if logging == self.tracking.log.enabled() {
+            return;
+        }
+        self.tracking.log.set_enabled(logging);
+        let migration = &self.daemon.migration;
+        match (logging, migration.state()) {
+            (true, MigrationState::None | MigrationState::PostcopyEnded) => migration.set_state(MigrationState::DirtyLogging),
+            (false, MigrationState::DirtyLogging) => migration.set_state(MigrationState::None),
+            _ => {}
+        }
+        log::info!("frontend {}: dirty logging {}", self.id(), if logging { "on" } else { "off" });
+    }
+
+    /// SET_LOG_BASE. QEMU waits for the reply, which only success sends: a
+    /// failure ends the connection, so QEMU's migration fails instead of hanging.
+    pub(super) fn map_dirty_log(&mut self, log: &VhostUserLog, file: File) -> VhostResult<()> {
+        self.tracking.log.set_base(file, log.mmap_size, log.mmap_offset).map_err(|e| {
+            log::error!("frontend {}: {e}; closing the connection", self.id());
+            VhostError::InvalidParam
+        })
+    }
+
+    /// Whether memory-table messages are in postcopy mode.
+    pub(super) fn postcopy_listening(&self) -> bool {
+        self.postcopy.as_ref().is_some_and(PostcopySession::listening)
+    }
+
+    /// gmemd's own address of the view at `gpa`, which QEMU needs in
+    /// postcopy to translate our faults (the table was just updated).
+    pub(super) fn backend_base(&self, gpa: u64) -> VhostResult<VhostUserMemoryRegionBase> {
+        let view = self.table.views().iter().find(|v| v.desc().gpa == gpa);
+        view.map(|v| v.host_addr()).ok_or(VhostError::BackendInternalError)
+    }
+
+    /// Refuses to start vring `index` while guest RAM may not be touched.
+    pub(super) fn device_may_start(&mut self, index: u8) -> VhostResult<()> {
+        if self.postcopy.as_ref().is_some_and(|s| s.phase() == PostcopyPhase::Advised) {
+            // The guest runs, but QEMU never sent LISTEN: the migration
+            // completed in precopy (QEMU sends no POSTCOPY_END then), so all
+            // of RAM is here and the userfaultfd has no use.
+            log::info!("frontend {}: postcopy was advised but the migration completed in precopy", self.id());
+            self.postcopy = None;
+            self.daemon.release_postcopy(self.id());
+            self.daemon.migration.set_state(MigrationState::None);
+        }
+        match self.postcopy.as_ref().filter(|s| !s.device_may_run()) {
+            Some(session) => {
+                let message = format!(
+                    "vring {index}: not started while postcopy is {:?}: guest RAM is not registered yet, and \
+                     touching it now would break QEMU's page placement",
+                    session.phase()
+                );
+                log::error!("frontend {}: {message}", self.id());
+                Err(nack(message))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// POSTCOPY_ADVISE. The vhost crate answers a failure with a reply that
+    /// carries no fd, which QEMU reports as postcopy being unavailable.
+    pub(super) fn advise_postcopy(&mut self) -> VhostResult<File> {
+        let refuse = |message: String| {
+            log::error!("frontend {}: POSTCOPY_ADVISE refused: {message}", self.id());
+            Err(nack(message))
+        };
+        if self.vrings.iter().any(Vring::started) {
+            return refuse("vrings are running; postcopy needs the device stopped until guest RAM is registered".into());
+        }
+        if let Err(owner) = self.daemon.claim_postcopy(self.id()) {
+            return refuse(format!("frontend {owner} is in postcopy on the same guest RAM"));
+        }
+        let hugetlb = self.daemon.regions.iter().any(|r| matches!(r.backing(), Backing::MemfdHugetlb));
+        match PostcopySession::advise(Arc::clone(&self.daemon.migration), hugetlb) {
+            Ok((session, for_qemu)) => {
+                log::info!("frontend {}: postcopy advised; QEMU holds the userfaultfd", self.id());
+                self.postcopy = Some(session);
+                Ok(for_qemu)
+            }
+            Err(error) => {
+                self.daemon.release_postcopy(self.id());
+                refuse(error.to_string())
+            }
+        }
+    }
+
+    /// POSTCOPY_LISTEN.
+    pub(super) fn listen_postcopy(&mut self) -> VhostResult<()> {
+        let session = self.postcopy.as_mut().ok_or_else(|| nack("POSTCOPY_LISTEN before POSTCOPY_ADVISE"))?;
+        session.listen().map_err(nack)
+    }
+
+    /// QEMU's ack of the memory table in postcopy mode. QEMU expects no
+    /// reply: a failure is logged, and the vrings then refuse to start (the
+    /// device must not run unregistered).
+    pub(super) fn register_postcopy_table(&mut self) -> VhostResult<()> {
+        let id = self.id();
+        let session = self.postcopy.as_mut().ok_or_else(|| nack("memory-table ack without postcopy"))?;
+        session.register(self.table.views()).map_err(|e| {
+            log::error!("frontend {id}: postcopy registration failed: {e}");
+            nack(e)
+        })
+    }
+
+    /// POSTCOPY_END.
+    pub(super) fn end_postcopy(&mut self) -> VhostResult<()> {
+        let session = self.postcopy.as_mut().ok_or_else(|| nack("POSTCOPY_END without postcopy"))?;
+        let ended = session.end();
+        self.postcopy = None;
+        self.daemon.release_postcopy(self.id());
+        log::info!("frontend {}: postcopy ended; guest RAM unregistered", self.id());
+        ended.map_err(|e| {
+            log::error!("frontend {}: {e}", self.id());
+            nack(e)
+        })
+    }
+
+    /// The frontend is gone: logging stops; a postcopy still registered
+    /// stays so (see below), any other is dropped.
+    pub(super) fn end_migration_on_disconnect(&mut self) {
+        self.set_logging(false);
+        match self.postcopy.take() {
+            Some(session) if session.registered() => {
+                // QEMU went away with pages still missing: nobody will ever
+                // place them. Unregistering would let workers read zeros and
+                // write them to the disk, so the registration stays and any
+                // worker waiting on a page is left waiting.
+                log::error!(
+                    "frontend {} disconnected during postcopy: guest RAM is incomplete and stays registered; \
+                     restart gmemd before reusing it",
+                    self.id()
+                );
+                std::mem::forget(session);
+                for vring in &mut self.vrings {
+                    vring.abandon();
+                }
+            }
+            Some(_) => self.daemon.release_postcopy(self.id()),
+            None => {}
+        }
+    }
+}
