@@ -15,12 +15,17 @@ use gmem_protocol::MigrationState;
 use vhost::vhost_user::message::FrontendReq;
 use vhost::vhost_user::{VhostUserFrontend, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::{VhostBackend, VhostUserDirtyLogRegion};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::ioctl::ioctl_with_ref;
 use vmm_sys_util::ioctl_ior_nr;
 
 /// Where request data goes: pages nobody has touched (missing in postcopy).
 const BUF: u64 = 0x40_0000;
 const OTHER: u64 = 0x80_0000;
+/// Queue 1's ring, request header and status byte.
+const RING1: u64 = 0x1_0000;
+const HDR1: u64 = 0xa000;
+const STATUS1: u64 = 0xb000;
 const PAGE: u64 = 4096;
 
 fn memfd(name: &std::ffi::CStr, size: u64) -> File {
@@ -145,15 +150,46 @@ impl FaultService {
 const POSTCOPY: VhostUserProtocolFeatures =
     VhostUserProtocolFeatures::PAGEFAULT.union(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS);
 
+/// The VmFlags of gmemd's mapping at `addr` (/proc/PID/smaps): `um` is a
+/// userfaultfd missing-mode registration, `nh` MADV_NOHUGEPAGE, `hg` MADV_HUGEPAGE.
+fn vm_flags(pid: u32, addr: u64) -> Vec<String> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).expect("smaps");
+    let mut inside = false;
+    for line in smaps.lines() {
+        if let Some((range, _)) = line.split_once(' ').filter(|(r, _)| r.contains('-') && !r.ends_with(':')) {
+            let (start, end) = range.split_once('-').expect("range");
+            let (start, end) = (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16));
+            inside = matches!((start, end), (Ok(s), Ok(e)) if (s..e).contains(&addr));
+        } else if let Some(flags) = line.strip_prefix("VmFlags:").filter(|_| inside) {
+            return flags.split_whitespace().map(str::to_string).collect();
+        }
+    }
+    panic!("no mapping at {addr:#x} in gmemd");
+}
+
+/// Queue 1 on its own ring, kick and call, to show it runs while queue 0
+/// waits on a page.
+fn start_queue_1(fe: &mut Fe, mem: &GuestMem, ring: &Ring, kick: &EventFd, call: &EventFd) {
+    fe.vu.set_vring_num(1, ring.size()).expect("num");
+    fe.vu.set_vring_base(1, 0).expect("base");
+    fe.vu.set_vring_addr(1, &ring.config(mem)).expect("addr");
+    fe.vu.set_vring_call(1, call).expect("call");
+    fe.vu.set_vring_kick(1, kick).expect("kick");
+    fe.vu.set_vring_enable(1, true).expect("enable");
+}
+
 #[test]
 fn postcopy_registers_after_the_fdless_add_mem_reg_ack_faults_and_ends() {
-    let daemon = Gmemd::start(&[]);
+    let daemon = Gmemd::start(&["--queues", "2"]);
     let mut fe = daemon.frontend();
     fe.handshake(POSTCOPY);
     let mem = daemon.map_ram();
     // What precopy delivered before the switch: the ring and request pages.
     let mut ring = Ring::create(&mem, RING, QUEUE_SIZE);
+    let mut ring1 = Ring::create(&mem, RING1, QUEUE_SIZE);
     header(&mem, T_IN, 0);
+    mem.write(HDR1, &[0u8; 16]); // T_IN, sector 0
+    mem.put(STATUS1, 0xffu8);
     let disk = pattern(4096, 3);
     std::fs::write(&daemon.disk, [disk.clone(), vec![0; (DISK_SIZE - 4096) as usize]].concat()).expect("disk");
 
@@ -171,7 +207,11 @@ fn postcopy_registers_after_the_fdless_add_mem_reg_ack_faults_and_ends() {
         daemon.ctl().query_migration().expect("query").state == MigrationState::PostcopyRunning
     });
     assert_eq!(daemon.ctl().query_migration().expect("query").postcopy.registered_bytes, 64 * MIB);
+    let flags = vm_flags(daemon.pid(), base);
+    assert!(flags.iter().any(|f| f == "um") && flags.iter().any(|f| f == "nh"), "registered, THP off: {flags:?}");
     fe.start_queue(&mem, &ring, 0).expect("start after the ack");
+    let (kick1, call1) = (EventFd::new(EFD_NONBLOCK).expect("kick"), EventFd::new(EFD_NONBLOCK).expect("call"));
+    start_queue_1(&mut fe, &mem, &ring1, &kick1, &call1);
 
     // A read into a page that has not arrived: the worker faults on it.
     assert!(!mem.resident(BUF));
@@ -183,6 +223,12 @@ fn postcopy_registers_after_the_fdless_add_mem_reg_ack_faults_and_ends() {
     let info = daemon.ctl().query_migration().expect("query-migration during a fault");
     assert_eq!(info.postcopy.device_faults, 0, "not resolved yet");
     fe.vu.get_features().expect("message loop answers during a fault");
+    // Another queue serves a request into a page that has arrived.
+    mem.write(OTHER, &[0u8; 512]);
+    ring1.push(&mem, &[Desc::r(HDR1, 16), Desc::w(OTHER, 512), Desc::w(STATUS1, 1)]);
+    kick1.write(1).expect("kick queue 1");
+    ring1.wait_used(&mem, &call1, TIMEOUT).expect("queue 1 served while queue 0 waits");
+    assert_eq!((mem.get::<u8>(STATUS1), mem.read(OTHER, 512)), (S_OK, disk[..512].to_vec()));
     assert!(ring.wait_used(&mem, &fe.call, Duration::from_millis(100)).is_none(), "completed before the page arrived");
     // QEMU places the page (here: arrived content through our own,
     // unregistered mapping) and wakes gmemd.
@@ -196,17 +242,19 @@ fn postcopy_registers_after_the_fdless_add_mem_reg_ack_faults_and_ends() {
     let info = daemon.ctl().query_migration().expect("query");
     assert_eq!(info.postcopy.device_faults, 1, "{info:?}");
     assert!(info.postcopy.fault_latency.p50_us >= 20_000, "the wait is in the latency: {info:?}");
-    assert_eq!(info.device_bytes_written, 4096 + 1);
+    assert_eq!(info.device_bytes_written, (4096 + 1) + (512 + 1), "both queues' data and status");
     // gmemd touched nothing else: pages no request named are still missing.
-    for gpa in [OTHER, BUF + PAGE, 32 * MIB] {
+    for gpa in [OTHER + PAGE, BUF + PAGE, 32 * MIB] {
         assert!(!mem.resident(gpa), "gmemd populated {gpa:#x} behind QEMU's back");
     }
 
     fe.vu.postcopy_end().expect("POSTCOPY_END");
     let info = daemon.ctl().query_migration().expect("query");
     assert_eq!((info.state, info.postcopy.registered_bytes), (MigrationState::PostcopyEnded, 0));
+    let flags = vm_flags(daemon.pid(), base);
+    assert!(!flags.iter().any(|f| f == "um" || f == "nh"), "unregistered, THP policy back: {flags:?}");
     // Unregistered: a missing page is now just a hole, read without a fault.
-    assert_eq!(fe.read(&mem, &mut ring, 0, OTHER, 4096).1, S_OK);
+    assert_eq!(fe.read(&mem, &mut ring, 0, OTHER + 2 * PAGE, 4096).1, S_OK);
     assert!(service.next_fault(Duration::from_millis(50)).is_none());
 }
 

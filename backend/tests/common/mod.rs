@@ -112,6 +112,11 @@ impl Gmemd {
         daemon
     }
 
+    /// The daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// What the daemon logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("gmemd.log")).unwrap_or_default()
@@ -182,7 +187,7 @@ pub struct Fe {
 
 impl Fe {
     pub fn connect(stream: UnixStream) -> Self {
-        let vu = Frontend::from_stream(stream.try_clone().expect("dup socket"), 1);
+        let vu = Frontend::from_stream(stream.try_clone().expect("dup socket"), 2);
         vu.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         let eventfd = || EventFd::new(EFD_NONBLOCK).expect("eventfd");
         Fe { vu, stream, kick: eventfd(), call: eventfd(), event_idx: false }
