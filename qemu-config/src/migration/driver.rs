@@ -177,7 +177,7 @@ impl Migration {
         let dst_info = destination_completion(dst, grace)?;
         let destination_run_state = destination_run_state(dst, grace)?;
         let source_gmemd = gmemd_migration(&mut src_gmemd, Side::Source)?;
-        let destination_gmemd = gmemd_migration(&mut dst_gmemd, Side::Destination)?;
+        let destination_gmemd = destination_io_resumed(&mut dst_gmemd, source_gmemd.as_ref())?;
         Ok(MigrationReport {
             elapsed_ms: millis(self.started.elapsed()),
             total_time_ms: src_info.total_time.unwrap_or(0),
@@ -367,6 +367,29 @@ fn gmemd_migration(
 
 /// The time between the source gmemd's last request completion and the
 /// destination gmemd's first, when both exist in that order.
+/// How long the report waits for the destination device's first request,
+/// for [`MigrationReport::device_io_gap_us`], when the source's device was
+/// busy: QEMU says the guest runs a moment before its I/O resumes.
+const IO_RESUME_WAIT: Duration = Duration::from_secs(2);
+
+/// The destination gmemd's figures, once its device has completed a request
+/// (or [`IO_RESUME_WAIT`] has passed, or the source's device was idle).
+fn destination_io_resumed(
+    gmemd: &mut Option<&mut ControlClient>,
+    source: Option<&MigrationInfo>,
+) -> Result<Option<MigrationInfo>, MigrationError> {
+    let source_busy = source.is_some_and(|s| s.device_io.last_completion_us > 0);
+    let deadline = Instant::now() + IO_RESUME_WAIT;
+    loop {
+        let info = gmemd_migration(gmemd, Side::Destination)?;
+        let resumed = info.as_ref().is_none_or(|i| i.device_io.first_completion_us > 0);
+        if resumed || !source_busy || Instant::now() >= deadline {
+            return Ok(info);
+        }
+        sleep(POLL_INTERVAL / 10);
+    }
+}
+
 fn device_io_gap_us(
     source: Option<&MigrationInfo>,
     destination: Option<&MigrationInfo>,
