@@ -4,9 +4,11 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use clap::ValueEnum;
 use gmem_qemu::quote::shell_join;
 use gmem_qemu::{QemuCommand, SerialSink};
 use gmem_tests::{agent_append, Gmemd, GmemdOptions, GuestImage, Vm};
+use serde::Serialize;
 
 use crate::figures::Figures;
 
@@ -48,6 +50,38 @@ pub struct Run {
     /// The backend's own view of the run, when it has one (gmemd's
     /// `query-device`: requests, errors, bytes per queue).
     pub device: Option<serde_json::Value>,
+}
+
+/// How the harness builds the gmemd a mode measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GmemdBuild {
+    /// Optimized, built in target/gmem-bench.
+    Release,
+    /// The harness's plain debug build, as the tests use.
+    Debug,
+}
+
+/// The flags both modes share: which backends run, how gmemd is built, and
+/// where the JSON result goes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BackendArgs {
+    /// Benchmark gmemd only; qemu-storage-daemon is then not needed.
+    #[arg(long)]
+    pub gmemd_only: bool,
+
+    /// The qemu-storage-daemon binary (from QEMU's qemu-utils package).
+    #[arg(long, value_name = "PATH", default_value = "qemu-storage-daemon")]
+    pub qsd: std::path::PathBuf,
+
+    /// How the harness builds gmemd: `release` (optimized, in target/gmem-bench)
+    /// or `debug` (the harness's default debug build, as the tests use).
+    #[arg(long, value_enum, default_value_t = GmemdBuild::Release)]
+    pub gmemd_build: GmemdBuild,
+
+    /// Where to write the JSON result [default: bench/results/<UTC timestamp>[-migration].json]
+    #[arg(long, value_name = "PATH")]
+    pub json_out: Option<std::path::PathBuf>,
 }
 
 /// Makes the harness build gmemd with release settings. The harness always

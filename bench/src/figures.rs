@@ -117,7 +117,8 @@ pub struct Stats {
 }
 
 impl Stats {
-    fn of(values: Vec<f64>) -> Option<Stats> {
+    /// The statistics of `values`; `None` when there are none.
+    pub fn of(values: Vec<f64>) -> Option<Stats> {
         let median = median(&values)?;
         let min = values.iter().copied().fold(f64::INFINITY, f64::min);
         let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);

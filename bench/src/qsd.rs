@@ -16,15 +16,31 @@ use crate::figures::Figures;
 
 /// A child process that is killed and reaped when dropped.
 #[derive(Debug)]
-struct Guard {
+pub struct Guard {
     child: Child,
     what: &'static str,
 }
 
 impl Guard {
-    fn spawn(what: &'static str, binary: &Path, args: &[String], log: &Path) -> Result<Guard> {
+    /// Starts `binary args` with both outputs to `log`; inside network
+    /// namespace `netns` (`ip netns exec`, which execs) when given.
+    pub fn spawn(
+        what: &'static str,
+        netns: Option<&str>,
+        binary: &Path,
+        args: &[String],
+        log: &Path,
+    ) -> Result<Guard> {
         let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let child = Command::new(binary)
+        let mut command = match netns {
+            Some(netns) => {
+                let mut ip = Command::new("ip");
+                ip.args(["netns", "exec", netns]).arg(binary);
+                ip
+            }
+            None => Command::new(binary),
+        };
+        let child = command
             .args(args)
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
@@ -34,14 +50,18 @@ impl Guard {
         Ok(Guard { child, what })
     }
 
-    fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<ExitStatus>> {
+    /// Its exit status, if it has exited.
+    pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
+        self.child
+            .try_wait()
+            .with_context(|| format!("waiting for {}", self.what))
+    }
+
+    /// Waits up to `timeout` for it to exit.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<ExitStatus>> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(status) = self
-                .child
-                .try_wait()
-                .with_context(|| format!("waiting for {}", self.what))?
-            {
+            if let Some(status) = self.try_wait()? {
                 return Ok(Some(status));
             }
             if Instant::now() >= deadline {
@@ -61,12 +81,18 @@ impl Drop for Guard {
 
 /// qemu-storage-daemon's arguments: the raw image through the file driver
 /// (host page cache on, like gmemd's buffered I/O), exported as
-/// vhost-user-blk with one queue.
-pub fn qsd_args(disk: &Path, socket: &Path) -> Vec<String> {
+/// vhost-user-blk with one queue. `shared_image` adds `locking=off`, so that
+/// a second daemon (a migration's destination) can open the image too, as
+/// two gmemds do; without it the second one fails to take the image's lock.
+pub fn qsd_args(disk: &Path, socket: &Path, shared_image: bool) -> Vec<String> {
     let (disk, socket) = (disk.to_string_lossy(), socket.to_string_lossy());
+    let locking = if shared_image { ",locking=off" } else { "" };
     vec![
         "--blockdev".into(),
-        format!("driver=file,node-name=file0,filename={},cache.direct=off", qemu_opt_value(&disk)),
+        format!(
+            "driver=file,node-name=file0,filename={},cache.direct=off{locking}",
+            qemu_opt_value(&disk)
+        ),
         "--blockdev".into(),
         "driver=raw,node-name=disk0,file=file0".into(),
         "--export".into(),
@@ -77,15 +103,24 @@ pub fn qsd_args(disk: &Path, socket: &Path) -> Vec<String> {
     ]
 }
 
-/// QEMU for the qsd run: the same machine as the gmemd run, but QEMU owns
+/// The guest a qsd run boots: what the gmemd run's QEMU gets from gmemd
+/// and the harness.
+#[derive(Debug, Clone, Copy)]
+pub struct Machine<'a> {
+    /// Guest RAM, MiB.
+    pub memory_mib: u64,
+    /// vCPUs.
+    pub cpus: u32,
+    /// Kernel and initramfs.
+    pub image: &'a GuestImage,
+    /// The kernel command line (the agent and its parameters).
+    pub append: &'a str,
+}
+
+/// QEMU for a qsd run: the same machine as the gmemd run, but QEMU owns
 /// its RAM as a shared memfd (vhost-user needs RAM the backend can map).
-pub fn qsd_qemu_args(
-    work: &Workload,
-    image: &GuestImage,
-    socket: &Path,
-    serial: &Path,
-) -> Vec<String> {
-    let bytes = work.memory_mib << 20;
+pub fn qsd_qemu_args(machine: &Machine<'_>, socket: &Path, serial: &Path) -> Vec<String> {
+    let bytes = machine.memory_mib << 20;
     let socket = socket.to_string_lossy();
     let mut args: Vec<String> = [
         "-nodefaults",
@@ -101,7 +136,7 @@ pub fn qsd_qemu_args(
     .to_vec();
     args.extend([
         "-smp".into(),
-        work.cpus.to_string(),
+        machine.cpus.to_string(),
         "-machine".into(),
         "pc,memory-backend=ram0".into(),
         "-m".into(),
@@ -118,11 +153,11 @@ pub fn qsd_qemu_args(
         "-serial".into(),
         format!("file:{}", serial.display()),
         "-kernel".into(),
-        image.kernel.display().to_string(),
+        machine.image.kernel.display().to_string(),
         "-initrd".into(),
-        image.initrd.display().to_string(),
+        machine.image.initrd.display().to_string(),
         "-append".into(),
-        work.append(),
+        machine.append.to_string(),
     ]);
     args
 }
@@ -130,10 +165,11 @@ pub fn qsd_qemu_args(
 /// A fresh directory under the system temp dir, removed on drop (the same
 /// place the harness puts gmemd's image, so both images share a file system).
 #[derive(Debug)]
-struct ScratchDir(PathBuf);
+pub struct ScratchDir(PathBuf);
 
 impl ScratchDir {
-    fn new(prefix: &str) -> Result<ScratchDir> {
+    /// Creates `<temp dir>/<prefix>-<pid>-<nanoseconds>`.
+    pub fn new(prefix: &str) -> Result<ScratchDir> {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
@@ -143,14 +179,52 @@ impl ScratchDir {
     }
 }
 
+impl ScratchDir {
+    /// `name` inside the directory.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
 impl Drop for ScratchDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
-fn read(path: &Path) -> String {
+/// A file's text, empty if it cannot be read (for error messages).
+pub fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// Starts qemu-storage-daemon `binary` with `args` (see [`qsd_args`]), its
+/// output in `log`, and waits until it has created its vhost-user `socket`.
+pub fn start_qsd(
+    binary: &Path,
+    netns: Option<&str>,
+    args: &[String],
+    socket: &Path,
+    log: &Path,
+) -> Result<Guard> {
+    let mut daemon = Guard::spawn("qemu-storage-daemon", netns, binary, args, log)?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::metadata(socket).is_ok_and(|m| m.file_type().is_socket()) {
+        if let Some(status) = daemon.try_wait()? {
+            bail!(
+                "qemu-storage-daemon exited during start-up ({status}); its output:\n{}",
+                read(log)
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "qemu-storage-daemon did not create {} within 20 s; its output:\n{}",
+                socket.display(),
+                read(log)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(daemon)
 }
 
 /// qemu-storage-daemon: a fresh sparse image of the same size, the export,
@@ -158,33 +232,25 @@ fn read(path: &Path) -> String {
 pub fn run_qsd(work: &Workload, image: &GuestImage, qsd: &Path) -> Result<Run> {
     let started = Instant::now();
     let dir = ScratchDir::new("gmem-bench-qsd")?;
-    let at = |name: &str| -> PathBuf { dir.0.join(name) };
-    let (disk, socket, serial) = (at("disk.raw"), at("vhost.sock"), at("bench.serial"));
-    let (qsd_log, qemu_log) = (at("qsd.log"), at("qemu.log"));
+    let (disk, socket, serial) = (
+        dir.join("disk.raw"),
+        dir.join("vhost.sock"),
+        dir.join("bench.serial"),
+    );
+    let (qsd_log, qemu_log) = (dir.join("qsd.log"), dir.join("qemu.log"));
     File::create(&disk)?.set_len(work.disk_mib << 20)?;
 
-    let daemon_args = qsd_args(&disk, &socket);
-    let mut daemon = Guard::spawn("qemu-storage-daemon", qsd, &daemon_args, &qsd_log)?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !std::fs::metadata(&socket).is_ok_and(|m| m.file_type().is_socket()) {
-        if let Some(status) = daemon.child.try_wait()? {
-            bail!(
-                "qemu-storage-daemon exited during start-up ({status}); its output:\n{}",
-                read(&qsd_log)
-            );
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "qemu-storage-daemon did not create {} within 20 s; its output:\n{}",
-                socket.display(),
-                read(&qsd_log)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-
-    let qemu_args = qsd_qemu_args(work, image, &socket, &serial);
-    let mut qemu = Guard::spawn("QEMU", Path::new(QEMU), &qemu_args, &qemu_log)?;
+    let daemon_args = qsd_args(&disk, &socket, false);
+    let _daemon = start_qsd(qsd, None, &daemon_args, &socket, &qsd_log)?;
+    let append = work.append();
+    let machine = Machine {
+        memory_mib: work.memory_mib,
+        cpus: work.cpus,
+        image,
+        append: &append,
+    };
+    let qemu_args = qsd_qemu_args(&machine, &socket, &serial);
+    let mut qemu = Guard::spawn("QEMU", None, Path::new(QEMU), &qemu_args, &qemu_log)?;
     let status = qemu.wait_timeout(work.timeout)?;
     let context = || {
         format!(
@@ -227,13 +293,18 @@ mod tests {
 
     #[test]
     fn qsd_command_line() {
-        let args = qsd_args(Path::new("/t/a,b.raw"), Path::new("/t/v.sock"));
+        let args = qsd_args(Path::new("/t/a,b.raw"), Path::new("/t/v.sock"), false);
         assert_eq!(
             shell_join(&args),
             "--blockdev driver=file,node-name=file0,filename=/t/a,,b.raw,cache.direct=off \
              --blockdev driver=raw,node-name=disk0,file=file0 \
              --export type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,\
              addr.path=/t/v.sock,writable=on,num-queues=1"
+        );
+        let shared = qsd_args(Path::new("/t/d.raw"), Path::new("/t/v.sock"), true);
+        assert_eq!(
+            shared[1],
+            "driver=file,node-name=file0,filename=/t/d.raw,cache.direct=off,locking=off"
         );
     }
 }

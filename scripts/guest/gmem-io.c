@@ -11,7 +11,8 @@
  *   gmem-io rand-read DEV COUNT [SPAN_MIB]  COUNT 4 KiB pread()s at random
  *                                        4 KiB-aligned offsets in the first
  *                                        SPAN_MIB (default: whole device)
- *   gmem-io seqio DEV BLOCKS SEED [PACE_US [STRIDE]]  migration workload, see seqio()
+ *   gmem-io seqio DEV BLOCKS SEED [PACE_US [STRIDE [PROGRESS_EVERY]]]
+ *                                        migration workload, see seqio()
  *
  * Numbers are decimal. Prints one "GMEMD-RESULT key=value ..." line on
  * success; any error goes to stderr and the exit status is 1.
@@ -43,7 +44,8 @@ static void die(const char *what)
 static void usage(void)
 {
 	fprintf(stderr, "usage: gmem-io seq-write DEV MIB | seq-read DEV MIB | "
-			"rand-read DEV COUNT [SPAN_MIB] | seqio DEV BLOCKS SEED [PACE_US [STRIDE]]\n");
+			"rand-read DEV COUNT [SPAN_MIB] | "
+			"seqio DEV BLOCKS SEED [PACE_US [STRIDE [PROGRESS_EVERY]]]\n");
 	exit(1);
 }
 
@@ -193,7 +195,7 @@ static void rand_read(const char *dev, uint64_t count, uint64_t span_mib)
 #define SEQIO_ZERO_STATE 0x853C49E6748FEA9Bull
 #define XORSHIFT64STAR_MUL 0x2545F4914F6CDD1Dull
 #define SEQIO_FILL 0xA5
-#define SEQIO_PROGRESS_EVERY 256u
+#define SEQIO_PROGRESS_EVERY 256u /* default of PROGRESS_EVERY */
 
 static void seqio_pattern(uint64_t seed, uint64_t i, uint64_t words[BLOCK / 8])
 {
@@ -242,8 +244,10 @@ static volatile uint64_t seqio_sum;
  * present and non-zero before migration starts) receive the device's DMA:
  * for i in 0..BLOCKS, block i = pattern(SEED, i) is pwritten at i * 4 KiB
  * (O_DIRECT), folded into the running FNV-1a checksum, and pread (O_DIRECT)
- * straight into slot i; then usleep(PACE_US) if PACE_US > 0. Every 256 blocks
- * "GMEMD-PROGRESS seqio=<blocks done>" goes to stdout.
+ * straight into slot i; then usleep(PACE_US) if PACE_US > 0. Every
+ * PROGRESS_EVERY blocks (default 256) "GMEMD-PROGRESS seqio=<blocks done>"
+ * goes to stdout; a small PROGRESS_EVERY lets the host timestamp the lines
+ * finely enough to see how long the guest's I/O stalls during a migration.
  *
  * At the end:
  *  - every slot is compared with pattern(SEED, i) in RAM, without touching
@@ -269,7 +273,8 @@ static uint64_t gcd(uint64_t a, uint64_t b)
 	return a;
 }
 
-static int seqio(const char *dev, uint64_t blocks, uint64_t seed, uint64_t pace_us, uint64_t stride)
+static int seqio(const char *dev, uint64_t blocks, uint64_t seed, uint64_t pace_us, uint64_t stride,
+		 uint64_t progress_every)
 {
 	/* Block i is read back into slot (i * stride) % blocks: a stride coprime
 	 * to blocks visits every slot once, and a large one makes the device's
@@ -312,7 +317,7 @@ static int seqio(const char *dev, uint64_t blocks, uint64_t seed, uint64_t pace_
 			max_op_us = op_us;
 		if (pace_us)
 			usleep(pace_us);
-		if ((i + 1) % SEQIO_PROGRESS_EVERY == 0) {
+		if ((i + 1) % progress_every == 0) {
 			printf("GMEMD-PROGRESS seqio=%llu\n", (unsigned long long)(i + 1));
 			if (fflush(stdout))
 				die("stdout");
@@ -391,10 +396,11 @@ int main(int argc, char **argv)
 		seq(dev, parse_u64(argv[3]), 0);
 	else if (!strcmp(op, "rand-read") && (argc == 4 || argc == 5))
 		rand_read(dev, parse_u64(argv[3]), argc == 5 ? parse_u64(argv[4]) : 0);
-	else if (!strcmp(op, "seqio") && argc >= 5 && argc <= 7)
+	else if (!strcmp(op, "seqio") && argc >= 5 && argc <= 8)
 		rc = seqio(dev, parse_u64(argv[3]), parse_num(argv[4], 1),
 			   argc >= 6 ? parse_num(argv[5], 1) : 0,
-			   argc == 7 ? parse_u64(argv[6]) : 1);
+			   argc >= 7 ? parse_u64(argv[6]) : 1,
+			   argc == 8 ? parse_u64(argv[7]) : SEQIO_PROGRESS_EVERY);
 	else
 		usage();
 	/* stdout may be a pipe: make a failed write of the result line visible. */

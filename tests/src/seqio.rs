@@ -17,7 +17,8 @@ use crate::guest::AgentResults;
 /// Bytes per seqio block (one page).
 pub const BLOCK_BYTES: usize = 4096;
 /// Progress key: `GMEMD-PROGRESS seqio=<blocks done>` (see
-/// [`AgentResults::progress`]), printed every 256 blocks.
+/// [`AgentResults::progress`]), printed every 256 blocks unless the agent's
+/// `progress_every` parameter says otherwise.
 pub const PROGRESS_KEY: &str = "seqio";
 
 /// Golden-ratio stride that spreads block indices over the xorshift state.

@@ -134,6 +134,11 @@ impl Vm {
             .with_context(|| format!("QMP of QEMU {}; its log:\n{}", self.pid(), self.qemu_log()))
     }
 
+    /// The file QEMU writes the guest console to.
+    pub fn serial_path(&self) -> &Path {
+        &self.serial
+    }
+
     /// What the guest printed so far.
     pub fn serial_text(&self) -> String {
         std::fs::read_to_string(&self.serial).unwrap_or_default()
