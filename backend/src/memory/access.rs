@@ -131,18 +131,23 @@ impl<'a> RamAccess<'a> {
     pub fn write_into(&self, bufs: &[GuestBuf], bytes: &[u8]) -> Result<u64, AccessError> {
         self.fault_in(bufs)?;
         let mut done = 0usize;
+        let mut result = Ok(());
         for buf in bufs {
             let len = (buf.len as usize).min(bytes.len() - done);
             if len == 0 {
                 break;
             }
-            self.ram
-                .write_slice(&bytes[done..done + len], buf.addr)
-                .map_err(|_| AccessError::NotRam { addr: buf.addr.0, len: len as u64 })?;
+            if self.ram.write_slice(&bytes[done..done + len], buf.addr).is_err() {
+                // vm-memory may have written the part before a hole.
+                self.tracking.log.mark(buf.addr.0, len as u64);
+                result = Err(AccessError::NotRam { addr: buf.addr.0, len: len as u64 });
+                break;
+            }
             done += len;
         }
+        // Also when a later buffer failed: what was written must be logged.
         self.wrote(bufs, done as u64);
-        Ok(done as u64)
+        result.map(|()| done as u64)
     }
 
     /// Reads the disk at `offset` into the guest buffers, in order.
