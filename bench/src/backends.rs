@@ -11,6 +11,8 @@ use gmem_tests::{agent_append, Gmemd, GmemdOptions, GuestImage, Vm};
 use serde::Serialize;
 
 use crate::figures::Figures;
+use crate::host::HostInfo;
+use crate::TCG_NOTE;
 
 /// The QEMU binary; the harness finds the same name on PATH.
 pub const QEMU: &str = "qemu-system-x86_64";
@@ -82,6 +84,22 @@ pub struct BackendArgs {
     /// Where to write the JSON result [default: bench/results/<UTC timestamp>[-migration].json]
     #[arg(long, value_name = "PATH")]
     pub json_out: Option<std::path::PathBuf>,
+}
+
+/// Prints the host line and the TCG note, then builds the guest image and
+/// the harness's gmemd: what every mode does before its first run.
+pub fn prepare(host: &HostInfo, args: &BackendArgs) -> Result<GuestImage> {
+    println!(
+        "host: {} CPU(s), {}, {}",
+        host.nproc,
+        host.qemu_version,
+        host.qsd_version.as_deref().unwrap_or("qsd not used")
+    );
+    println!("note: {TCG_NOTE}\n");
+    eprintln!("preparing the guest image and gmemd ({:?} build)...", args.gmemd_build);
+    let image = GuestImage::ensure()?;
+    eprintln!("gmemd: {}", gmem_tests::binaries()?.join("gmemd").display());
+    Ok(image)
 }
 
 /// Makes the harness build gmemd with release settings. The harness always

@@ -7,7 +7,6 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use clap::Args as ClapArgs;
 use gmem_qemu::quote::shell_join;
-use gmem_tests::GuestImage;
 use serde::Serialize;
 
 use crate::backends::{self, BackendArgs, GmemdBuild, Workload, QEMU};
@@ -117,20 +116,7 @@ pub fn run(args: Args) -> Result<()> {
         args.runs,
         work.append()
     );
-    println!(
-        "host: {} CPU(s), {}, {}",
-        host.nproc,
-        host.qemu_version,
-        host.qsd_version.as_deref().unwrap_or("qsd not used")
-    );
-    println!("note: {TCG_NOTE}\n");
-    eprintln!(
-        "preparing the guest image and gmemd ({:?} build)...",
-        args.backends.gmemd_build
-    );
-    let image = GuestImage::ensure()?;
-    let gmemd_dir = gmem_tests::binaries()?;
-    eprintln!("gmemd: {}", gmemd_dir.join("gmemd").display());
+    let image = backends::prepare(&host, &args.backends)?;
 
     let mut runs = Vec::new();
     let mut commands: Vec<(&'static str, Vec<String>)> = Vec::new();

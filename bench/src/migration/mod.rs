@@ -161,19 +161,7 @@ pub fn run(args: Args) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    println!(
-        "host: {} CPU(s), {}, {}",
-        host.nproc,
-        host.qemu_version,
-        host.qsd_version.as_deref().unwrap_or("qsd not used")
-    );
-    println!("note: {TCG_NOTE}\n");
-    eprintln!(
-        "preparing the guest image and gmemd ({:?} build)...",
-        args.backends.gmemd_build
-    );
-    let image = GuestImage::ensure()?;
-    eprintln!("gmemd: {}", gmem_tests::binaries()?.join("gmemd").display());
+    let image = crate::backends::prepare(&host, &args.backends)?;
 
     let mut runs: Vec<RunRecord> = Vec::new();
     let mut qsd_commands = Vec::new();
