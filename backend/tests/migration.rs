@@ -8,7 +8,7 @@ mod common;
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use gmem_protocol::MigrationState;
@@ -121,21 +121,16 @@ ioctl_ior_nr!(UFFDIO_WAKE, 0xAA, 0x02, UffdioRange);
 impl FaultService {
     /// The address of the next missing-page fault, waiting up to `timeout`.
     fn next_fault(&self, timeout: Duration) -> Option<u64> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let mut msg = [0u8; 32];
-            // SAFETY: reads at most 32 bytes into `msg`.
-            let n = unsafe { libc::read(self.uffd.as_raw_fd(), msg.as_mut_ptr().cast(), msg.len()) };
-            if n == 32 {
-                // struct uffd_msg: event (u8) at 0; pagefault.address at 16.
-                assert_eq!(msg[0], 0x12, "UFFD_EVENT_PAGEFAULT");
-                return Some(u64::from_le_bytes(msg[16..24].try_into().expect("8 bytes")));
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(2));
+        if !common::ring::wait_readable(&self.uffd, timeout) {
+            return None;
         }
+        let mut msg = [0u8; 32];
+        // SAFETY: reads at most 32 bytes into `msg`.
+        let n = unsafe { libc::read(self.uffd.as_raw_fd(), msg.as_mut_ptr().cast(), msg.len()) };
+        assert_eq!(n, 32, "one uffd_msg: {}", std::io::Error::last_os_error());
+        // struct uffd_msg: event (u8) at 0; pagefault.address at 16.
+        assert_eq!(msg[0], 0x12, "UFFD_EVENT_PAGEFAULT");
+        Some(u64::from_le_bytes(msg[16..24].try_into().expect("8 bytes")))
     }
 
     /// Wakes gmemd's threads waiting on the page at `addr`.
@@ -231,8 +226,8 @@ fn postcopy_registers_after_the_fdless_add_mem_reg_ack_faults_and_ends() {
     assert_eq!((mem.get::<u8>(STATUS1), mem.read(OTHER, 512)), (S_OK, disk[..512].to_vec()));
     assert!(ring.wait_used(&mem, &fe.call, Duration::from_millis(100)).is_none(), "completed before the page arrived");
     // QEMU places the page (here: arrived content through our own,
-    // unregistered mapping) and wakes gmemd.
-    std::thread::sleep(Duration::from_millis(20));
+    // unregistered mapping) and wakes gmemd; the worker has been waiting
+    // through the 100 ms above.
     mem.write(BUF, &vec![0x5a; 4096]);
     service.wake(fault);
     let (id, _) = ring.wait_used(&mem, &fe.call, TIMEOUT).expect("completed after the wake");
