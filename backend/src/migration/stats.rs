@@ -14,15 +14,12 @@ use super::latency::LatencyHistogram;
 #[derive(Debug, Default)]
 pub struct MigrationStats {
     state: AtomicU8,
-    /// Set while the device's bytes count as written "during the migration".
-    counting: AtomicBool,
     device_bytes_written: AtomicU64,
     log_active: AtomicBool,
     log_bytes: AtomicU64,
     pages_marked: AtomicU64,
-    /// Whether guest RAM is registered for missing-page faults now; the data
-    /// path probes for missing pages only then.
-    faults_possible: AtomicBool,
+    /// Guest RAM registered for missing-page faults now; while it is not 0
+    /// the data path probes for missing pages.
     registered_bytes: AtomicU64,
     fault_latency: LatencyHistogram,
     first_completion_us: AtomicU64,
@@ -55,12 +52,12 @@ impl MigrationStats {
             self.pages_marked.store(0, Ordering::Relaxed);
             self.fault_latency.reset();
         }
-        self.counting.store(!matches!(state, MigrationState::None | MigrationState::PostcopyEnded), Ordering::Release);
     }
 
     /// The device wrote `bytes` into guest RAM.
     pub fn device_wrote(&self, bytes: u64) {
-        if self.counting.load(Ordering::Acquire) {
+        // Bytes count as written "during the migration" from its start to its end.
+        if !matches!(self.state(), MigrationState::None | MigrationState::PostcopyEnded) {
             self.device_bytes_written.fetch_add(bytes, Ordering::Relaxed);
         }
     }
@@ -78,13 +75,12 @@ impl MigrationStats {
 
     /// Guest RAM is registered with userfaultfd (`bytes`), or no longer (0).
     pub fn set_registered(&self, bytes: u64) {
-        self.registered_bytes.store(bytes, Ordering::Relaxed);
-        self.faults_possible.store(bytes > 0, Ordering::Release);
+        self.registered_bytes.store(bytes, Ordering::Release);
     }
 
     /// Whether the device may meet missing pages now.
     pub fn faults_possible(&self) -> bool {
-        self.faults_possible.load(Ordering::Acquire)
+        self.registered_bytes.load(Ordering::Acquire) > 0
     }
 
     /// The device waited `ns` for a missing page.
