@@ -317,19 +317,36 @@ fn second_frontend_takes_over_the_queue_after_get_vring_base() {
     assert_ne!(mem1.va(0), mem2.va(0));
     second.set_table(&[mem2.whole()]).expect("the second SET_MEM_TABLE");
     assert_eq!(daemon.region().mapped_by, 2);
+    // Two live frontends driving one queue: the second start waits for the
+    // first to let go (5 s), then is nacked; the first goes on being served.
     assert!(second.start_queue(&mem2, &ring, 0).is_err(), "queue 0 is busy: SET_VRING_KICK nacked");
+    assert!(daemon.log().contains("vring 0 is still run by frontend 1"), "{}", daemon.log());
     assert_eq!(first.read(&mem1, &mut ring, 32, BACK, 8192), (8193, S_OK), "the first frontend keeps being served");
     let started: Vec<u32> = daemon.status().frontends.iter().map(|f| f.started_queues).collect();
     assert_eq!(started, [1, 0]);
 
-    let base1 = first.vu.get_vring_base(0).expect("GET_VRING_BASE on the first");
-    eprintln!("first frontend's GET_VRING_BASE: {base1}");
-    assert_eq!(base1, u32::from(ring.avail_idx()), "the base is where the ring stopped");
-    assert!(!daemon.device().queues[0].started);
-
-    second.vu.set_vring_base(0, base1 as u16).expect("SET_VRING_BASE");
-    second.vu.set_vring_kick(0, &second.kick).expect("the second frontend starts queue 0 now");
-    second.vu.set_vring_enable(0, true).expect("enable");
+    // The first frontend is idle now, so its ring stops where it is; the
+    // second asks for the queue and waits while the first still runs it
+    // (QEMU's SET_VRING_KICK has no reply to carry a refusal), and gets it
+    // as soon as the first stops it.
+    let base = ring.avail_idx();
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let second = std::thread::scope(|scope| {
+        let waiting = scope.spawn(|| {
+            second.vu.set_vring_base(0, base).expect("SET_VRING_BASE");
+            let kicked = second.vu.set_vring_kick(0, &second.kick);
+            started_tx.send(()).expect("report");
+            kicked.expect("the second frontend's start succeeds once the first stops the queue");
+            second.vu.set_vring_enable(0, true).expect("enable");
+            second
+        });
+        let early = started_rx.recv_timeout(std::time::Duration::from_millis(300));
+        assert!(early.is_err(), "the second start waited for the first frontend");
+        let base1 = first.vu.get_vring_base(0).expect("GET_VRING_BASE on the first");
+        eprintln!("first frontend's GET_VRING_BASE: {base1}");
+        assert_eq!(base1, u32::from(base), "the base is where the ring stopped");
+        waiting.join().expect("second frontend thread")
+    });
     assert_eq!(second.read(&mem2, &mut ring, 32, BACK + 0x10000, 8192), (8193, S_OK), "served on the same ring");
     assert_eq!(mem2.read(BACK + 0x10000, 8192), pattern(8192, 4));
     assert_eq!(mem1.read(BACK + 0x10000, 8192), pattern(8192, 4), "the same RAM, seen by the first mapping");
@@ -339,7 +356,7 @@ fn second_frontend_takes_over_the_queue_after_get_vring_base() {
 
     let base2 = second.vu.get_vring_base(0).expect("GET_VRING_BASE on the second");
     eprintln!("second frontend's GET_VRING_BASE: {base2}");
-    assert_eq!(base2, base1 + 1);
+    assert_eq!(base2, u32::from(base) + 1);
     drop(first);
     wait_until("the first frontend is gone", || daemon.status().frontends.len() == 1);
     assert_eq!(daemon.region().mapped_by, 1);

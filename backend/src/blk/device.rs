@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_OK};
 use virtio_queue::desc::split::Descriptor;
@@ -34,27 +36,46 @@ pub struct QueueStats {
     /// Bytes moved between the device and guest RAM.
     pub access: AccessCounters,
     /// Connection id running the queue now, 0 when none.
-    owner: AtomicU64,
+    owner: Mutex<u64>,
+    /// Signalled when the owner releases the queue.
+    released: Condvar,
     /// Error kinds already logged, one bit each, so a misbehaving guest
     /// cannot flood the log.
     logged: AtomicU32,
 }
 
 impl QueueStats {
-    /// Marks the queue as run by connection `owner`; false if another runs it.
-    pub fn claim(&self, owner: u64) -> bool {
-        self.owner.compare_exchange(0, owner, Ordering::AcqRel, Ordering::Acquire).is_ok()
-            || self.owner.load(Ordering::Acquire) == owner
+    /// Marks the queue as run by connection `owner`, waiting up to `patience`
+    /// for another owner to let go of it: a connection that is going away
+    /// (QEMU reconnecting, or the old QEMU of a live update stopping its
+    /// rings) releases its queues moments after the new one asks for them.
+    /// Returns the owner that kept the queue when the wait ran out.
+    pub fn claim(&self, owner: u64, patience: Duration) -> Result<(), u64> {
+        let deadline = Instant::now() + patience;
+        let mut current = self.owner.lock().unwrap_or_else(|p| p.into_inner());
+        while *current != 0 && *current != owner {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(*current);
+            }
+            current = self.released.wait_timeout(current, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        *current = owner;
+        Ok(())
     }
 
     /// Releases the queue if `owner` holds it.
     pub fn release(&self, owner: u64) {
-        let _ = self.owner.compare_exchange(owner, 0, Ordering::AcqRel, Ordering::Acquire);
+        let mut current = self.owner.lock().unwrap_or_else(|p| p.into_inner());
+        if *current == owner {
+            *current = 0;
+            self.released.notify_all();
+        }
     }
 
     /// Whether any connection runs the queue.
     pub fn started(&self) -> bool {
-        self.owner.load(Ordering::Acquire) != 0
+        *self.owner.lock().unwrap_or_else(|p| p.into_inner()) != 0
     }
 
     fn first_time(&self, error: &RequestError) -> bool {

@@ -10,6 +10,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
@@ -22,6 +23,12 @@ use crate::migration::Tracking;
 /// Largest queue a frontend may configure.
 pub const MAX_QUEUE_SIZE: u16 = 1024;
 
+/// How long a start waits for the queue's previous connection to stop it.
+/// A departing connection stops between requests, so this only runs out
+/// when two live frontends drive the same queue, or when a worker was left
+/// behind on a postcopy page that will never arrive.
+const CLAIM_PATIENCE: Duration = Duration::from_secs(5);
+
 /// Why a vring could not be started.
 #[derive(Debug, thiserror::Error)]
 pub enum VringError {
@@ -31,9 +38,9 @@ pub enum VringError {
     /// The rings do not lie in guest RAM or are misaligned.
     #[error("vring {0}: ring addresses are misaligned or outside guest RAM")]
     Invalid(u16),
-    /// Another connection runs this queue.
-    #[error("vring {0} is run by another frontend connection")]
-    Busy(u16),
+    /// Another connection kept running this queue for all of `CLAIM_PATIENCE`.
+    #[error("vring {index} is still run by frontend {owner} after {}s; it must stop the ring (GET_VRING_BASE) or disconnect first", CLAIM_PATIENCE.as_secs())]
+    Busy { index: u16, owner: u64 },
     /// Creating an eventfd or the thread failed.
     #[error("vring {index}: {source}")]
     Os { index: u16, source: std::io::Error },
@@ -166,10 +173,8 @@ impl Vring {
         if !queue.is_valid(&*ram) {
             return Err(VringError::Invalid(index));
         }
-        let stats_ok = ctx.device.queues().get(usize::from(index)).is_some_and(|q| q.claim(ctx.owner));
-        if !stats_ok {
-            return Err(VringError::Busy(index));
-        }
+        let stats = ctx.device.queues().get(usize::from(index)).ok_or(VringError::Invalid(index))?;
+        stats.claim(ctx.owner, CLAIM_PATIENCE).map_err(|owner| VringError::Busy { index, owner })?;
         let started = (|| {
             let kick = kick.try_clone()?;
             let wake = EventFd::new(EFD_NONBLOCK)?;
