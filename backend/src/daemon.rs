@@ -16,8 +16,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::blk::BlkDevice;
 use crate::control::EventBus;
-use crate::memory::RegionSet;
-use crate::migration::MigrationStats;
+use crate::memory::{Backing, RegionSet};
+use crate::migration::{MigrationStats, Userfault};
 
 /// Daemon-wide switches.
 #[derive(Debug, Clone)]
@@ -94,6 +94,9 @@ pub struct Daemon {
     /// The connection in postcopy, 0 for none: guest RAM is mapped once and
     /// registered by one userfaultfd, so one postcopy at a time.
     postcopy_owner: AtomicU64,
+    /// Why this gmemd cannot serve postcopy, found at start-up; `None` when
+    /// it can.
+    postcopy_unavailable: Option<String>,
     started: Instant,
     next_frontend: AtomicU64,
     frontends: Mutex<BTreeMap<u64, Arc<FrontendStatus>>>,
@@ -104,7 +107,9 @@ pub struct Daemon {
 impl Daemon {
     /// Shared state over already-created regions and device.
     pub fn new(regions: RegionSet, device: BlkDevice, options: DaemonOptions) -> std::io::Result<Self> {
+        let postcopy_unavailable = Self::probe_postcopy(&regions);
         Ok(Daemon {
+            postcopy_unavailable,
             regions,
             device: Arc::new(device),
             options,
@@ -117,6 +122,26 @@ impl Daemon {
             quitting: AtomicBool::new(false),
             quit_event: EventFd::new(EFD_NONBLOCK)?,
         })
+    }
+
+    /// Whether guest RAM is hugetlb memory (userfaultfd needs to know).
+    pub fn hugetlb_ram(&self) -> bool {
+        hugetlb(&self.regions)
+    }
+
+    /// Why postcopy cannot be served, if it cannot: then PAGEFAULT is not
+    /// offered, and QEMU refuses the postcopy-ram capability up front
+    /// ("vhost-user backend not capable of postcopy") instead of failing
+    /// the migration at ADVISE.
+    pub fn postcopy_unavailable(&self) -> Option<&str> {
+        self.postcopy_unavailable.as_deref()
+    }
+
+    /// Creates (and drops) a userfaultfd of the kind ADVISE would create.
+    fn probe_postcopy(regions: &RegionSet) -> Option<String> {
+        let error = Userfault::open(hugetlb(regions)).err()?.to_string();
+        log::warn!("postcopy migration unavailable, so not offered to QEMU: {error}");
+        Some(error)
     }
 
     /// Milliseconds since start.
@@ -194,4 +219,8 @@ impl Daemon {
     pub fn quit_event(&self) -> &EventFd {
         &self.quit_event
     }
+}
+
+fn hugetlb(regions: &RegionSet) -> bool {
+    regions.iter().any(|r| matches!(r.backing(), Backing::MemfdHugetlb))
 }

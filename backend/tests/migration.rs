@@ -335,21 +335,32 @@ fn out_of_order_and_repeated_postcopy_messages_are_refused() {
 }
 
 #[test]
-fn advise_without_the_privilege_for_userfaultfd_says_why() {
+fn unprivileged_gmemd_does_not_offer_postcopy_and_says_why() {
     // SAFETY: getuid has no preconditions.
     if unsafe { libc::getuid() } != 0 {
         eprintln!("skipped: needs root to start gmemd as another user");
         return;
     }
     let mut daemon = Gmemd::start_as(Some(65534), &[]);
+    let why = "postcopy needs gmemd to run as root, with CAP_SYS_PTRACE";
+    let log = daemon.log();
+    assert!(log.contains("postcopy migration unavailable, so not offered to QEMU") && log.contains(why), "{log}");
+
+    // PAGEFAULT is not offered, so QEMU refuses postcopy-ram up front.
     let mut fe = daemon.frontend();
-    fe.handshake(POSTCOPY);
-    // The reply carries no fd, which the frontend (QEMU too) reports as failure.
+    fe.handshake(VhostUserProtocolFeatures::empty());
+    let offered = fe.vu.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
+    assert!(!offered.contains(VhostUserProtocolFeatures::PAGEFAULT), "{offered:?}");
+
+    // A frontend that acks it anyway is told why, and its ADVISE gets a
+    // reply without a userfaultfd; the connection goes on.
+    let protocol = VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::MQ | POSTCOPY;
+    assert!(fe.vu.set_protocol_features(protocol).is_err(), "PAGEFAULT acked although not offered");
     fe.vu.postcopy_advise().expect_err("no userfaultfd for an unprivileged gmemd");
     let log = daemon.log();
-    assert!(log.contains("postcopy needs gmemd to run as root, with CAP_SYS_PTRACE"), "{log}");
+    assert!(log.contains("were not offered (postcopy: cannot create a userfaultfd"), "{log}");
+    assert!(log.contains("POSTCOPY_ADVISE refused"), "{log}");
     assert_eq!(daemon.ctl().query_migration().expect("query").state, MigrationState::None);
-    // The connection and the daemon go on.
     let mem = daemon.map_ram();
     fe.set_table(&[mem.whole()]).expect("table");
     let mut ring = Ring::create(&mem, RING, QUEUE_SIZE);

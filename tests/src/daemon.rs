@@ -50,6 +50,10 @@ pub struct GmemdOptions {
     /// execs, so [`Gmemd::pid`] stays gmemd's), e.g. a
     /// [`HostPair`](crate::net::HostPair) side.
     pub netns: Option<String>,
+    /// Run gmemd as this uid (and gid), e.g. 65534 for a gmemd without the
+    /// privilege userfaultfd needs. Its scratch directory and a fresh disk
+    /// are handed to that user.
+    pub user: Option<u32>,
     /// Further arguments.
     pub extra: Vec<String>,
 }
@@ -62,6 +66,7 @@ impl Default for GmemdOptions {
             disk_bytes: 256 << 20,
             disk: None,
             netns: None,
+            user: None,
             extra: Vec::new(),
         }
     }
@@ -98,15 +103,21 @@ impl Gmemd {
         };
         let (control, socket) = (dir.path().join("control.sock"), dir.path().join("vhost.sock"));
         let log = std::fs::File::create(dir.path().join("gmemd.log"))?;
-        let gmemd = binaries()?.join("gmemd");
-        let mut command = match &options.netns {
-            Some(netns) => {
-                let mut ip = Command::new("ip");
-                ip.args(["netns", "exec", netns]).arg(gmemd);
-                ip
+        // Each wrapper execs the next, so the child's pid ends up gmemd's.
+        let mut argv: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(netns) = &options.netns {
+            argv.extend(["ip", "netns", "exec", netns.as_str()].map(Into::into));
+        }
+        if let Some(uid) = options.user {
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(uid)).context("handing the scratch directory over")?;
+            if options.disk.is_none() {
+                std::os::unix::fs::chown(&disk, Some(uid), Some(uid)).context("handing the disk over")?;
             }
-            None => Command::new(gmemd),
-        };
+            argv.extend(["setpriv".to_string(), format!("--reuid={uid}"), format!("--regid={uid}"), "--clear-groups".into()].map(Into::into));
+        }
+        argv.push(binaries()?.join("gmemd").into());
+        let mut command = Command::new(&argv[0]);
+        command.args(&argv[1..]);
         let child = command
             .arg("--socket").arg(&socket)
             .arg("--control").arg(&control)

@@ -34,13 +34,9 @@ const START_AT: u64 = 1024;
 /// has not streamed yet (it streams onward from each requested page).
 const SCATTERED: u64 = 4099;
 
-fn pair(name: &str, seed: u64, stride: u64, gmemd_extra: &[&str]) -> Result<MigrationPair> {
+fn pair(name: &str, seed: u64, stride: u64, gmemd: GmemdOptions) -> Result<MigrationPair> {
     MigrationPair::start(&MigrationOptions {
-        gmemd: GmemdOptions {
-            memory: "512M".into(),
-            extra: gmemd_extra.iter().map(|s| s.to_string()).collect(),
-            ..GmemdOptions::default()
-        },
+        gmemd: GmemdOptions { memory: "512M".into(), ..gmemd },
         vm: VmOptions::new(name, "seqio").param("blocks", BLOCKS).param("seed", seed).param("stride", stride),
     })
 }
@@ -100,7 +96,7 @@ fn verify(pair: &mut MigrationPair, seed: u64) -> Result<SeqioReport> {
 
 #[test]
 fn precopy_with_the_guest_writing_continuously_loses_nothing() -> Result<()> {
-    let mut pair = pair("precopy", 11, 1, &[])?;
+    let mut pair = pair("precopy", 11, 1, GmemdOptions::default())?;
     let plan = plan(&pair, None);
     let report = migrate(&mut pair, &plan, |_, _, _, _| Ok(()))?;
     verify(&mut pair, 11)?;
@@ -115,7 +111,7 @@ fn precopy_with_the_guest_writing_continuously_loses_nothing() -> Result<()> {
 fn precopy_without_dirty_logging_is_caught_by_the_verification() -> Result<()> {
     // The source gmemd accepts QEMU's log but never marks it: pages the
     // device wrote after QEMU had sent them arrive stale.
-    let mut pair = pair("nolog", 12, 1, &["--test-skip-dirty-log"])?;
+    let mut pair = pair("nolog", 12, 1, GmemdOptions { extra: vec!["--test-skip-dirty-log".into()], ..GmemdOptions::default() })?;
     let plan = plan(&pair, None);
     migrate(&mut pair, &plan, |_, _, _, _| Ok(()))?;
     let outcome = verify(&mut pair, 12);
@@ -147,7 +143,7 @@ fn check_postcopy(report: &MigrationReport) -> Result<()> {
 
 #[test]
 fn postcopy_with_the_device_faulting_on_missing_pages_loses_nothing() -> Result<()> {
-    let mut pair = pair("postcopy", 21, SCATTERED, &[])?;
+    let mut pair = pair("postcopy", 21, SCATTERED, GmemdOptions::default())?;
     let plan = postcopy_plan(&pair, None);
     let report = migrate(&mut pair, &plan, |_, _, _, _| Ok(()))?;
     check_postcopy(&report)?;
@@ -157,7 +153,7 @@ fn postcopy_with_the_device_faulting_on_missing_pages_loses_nothing() -> Result<
 
 #[test]
 fn postcopy_over_a_delayed_capped_link_loses_nothing() -> Result<()> {
-    let mut pair = pair("postcopy-delay", 22, SCATTERED, &[])?;
+    let mut pair = pair("postcopy-delay", 22, SCATTERED, GmemdOptions::default())?;
     pair.hosts.limit_bandwidth("200mbit")?;
     let relay = pair.hosts.delay_relay(PORT, Duration::from_millis(5))?;
     let plan = postcopy_plan(&pair, Some(&relay));
@@ -169,7 +165,7 @@ fn postcopy_over_a_delayed_capped_link_loses_nothing() -> Result<()> {
 
 #[test]
 fn postcopy_interrupted_and_recovered_loses_nothing() -> Result<()> {
-    let mut pair = pair("postcopy-recover", 23, SCATTERED, &[])?;
+    let mut pair = pair("postcopy-recover", 23, SCATTERED, GmemdOptions::default())?;
     let relay = pair.hosts.delay_relay(PORT, Duration::ZERO)?;
     let mut plan = postcopy_plan(&pair, Some(&relay));
     plan.postcopy = Some(SwitchToPostcopy::After(Duration::ZERO));
@@ -196,5 +192,26 @@ fn postcopy_interrupted_and_recovered_loses_nothing() -> Result<()> {
     ensure!(report.recoveries == 1, "{report:?}");
     check_postcopy(&report)?;
     verify(&mut pair, 23)?;
+    Ok(())
+}
+
+/// Without the privilege userfaultfd needs, the destination gmemd does not
+/// offer PAGEFAULT: QEMU refuses postcopy when the destination is prepared,
+/// before the source is touched, and a precopy migration still works.
+#[test]
+fn postcopy_is_refused_up_front_by_an_unprivileged_destination() -> Result<()> {
+    let nobody = GmemdOptions { user: Some(65534), ..GmemdOptions::default() };
+    let mut pair = pair("unprivileged", 24, 1, nobody)?;
+    let why = "postcopy needs gmemd to run as root, with CAP_SYS_PTRACE";
+    ensure!(pair.dest.log().contains(why), "{}", pair.dest.log());
+    let refused = prepare_destination(&mut pair.dest_vm.qmp()?, &postcopy_plan(&pair, None));
+    let error = format!("{:#}", refused.err().context("the destination accepted postcopy-ram")?);
+    eprintln!("destination QEMU: {error}");
+    ensure!(error.contains("not capable of postcopy"), "refused for another reason: {error}");
+
+    let precopy = plan(&pair, None);
+    let report = migrate(&mut pair, &precopy, |_, _, _, _| Ok(()))?;
+    ensure!(!report.postcopy, "{report:?}");
+    verify(&mut pair, 24)?;
     Ok(())
 }

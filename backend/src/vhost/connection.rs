@@ -149,15 +149,28 @@ impl VhostUserBackendReqHandlerMut for FrontendConnection {
     }
 
     fn get_protocol_features(&mut self) -> VhostResult<VhostUserProtocolFeatures> {
-        Ok(VhostUserProtocolFeatures::MQ
+        let mut offered = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::LOG_SHMFD
-            | VhostUserProtocolFeatures::PAGEFAULT
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::RESET_DEVICE)
+            | VhostUserProtocolFeatures::RESET_DEVICE;
+        if self.daemon.postcopy_unavailable().is_none() {
+            offered |= VhostUserProtocolFeatures::PAGEFAULT;
+        }
+        Ok(offered)
     }
 
     fn set_protocol_features(&mut self, features: u64) -> VhostResult<()> {
+        // The vhost crate answers REPLY_ACK itself and adds it to the offer.
+        let offered = self.get_protocol_features()? | VhostUserProtocolFeatures::REPLY_ACK;
+        let unoffered = VhostUserProtocolFeatures::from_bits_retain(features) - offered;
+        if !unoffered.is_empty() {
+            let why = match (unoffered.contains(VhostUserProtocolFeatures::PAGEFAULT), self.daemon.postcopy_unavailable()) {
+                (true, Some(why)) => format!(" (postcopy: {why})"),
+                _ => String::new(),
+            };
+            return Err(nack(format!("protocol features {unoffered:?} were not offered{why}")));
+        }
         self.acked_protocol_features = features;
         Ok(())
     }

@@ -10,7 +10,6 @@ use vhost::vhost_user::{Error as VhostError, Result as VhostResult};
 use vhost::VhostUserMemoryRegionBase;
 
 use super::{nack, FrontendConnection};
-use crate::memory::Backing;
 use crate::migration::{PostcopyPhase, PostcopySession};
 use crate::vhost::vring::Vring;
 
@@ -79,7 +78,9 @@ impl FrontendConnection {
     }
 
     /// POSTCOPY_ADVISE. The vhost crate answers a failure with a reply that
-    /// carries no fd, which QEMU reports as postcopy being unavailable.
+    /// carries no fd, which fails QEMU's incoming migration. (A gmemd that
+    /// cannot create a userfaultfd does not offer PAGEFAULT, so QEMU refuses
+    /// postcopy before it gets this far.)
     pub(super) fn advise_postcopy(&mut self) -> VhostResult<File> {
         let refuse = |message: String| {
             log::error!("frontend {}: POSTCOPY_ADVISE refused: {message}", self.id());
@@ -91,8 +92,7 @@ impl FrontendConnection {
         if let Err(owner) = self.daemon.claim_postcopy(self.id()) {
             return refuse(format!("frontend {owner} is in postcopy on the same guest RAM"));
         }
-        let hugetlb = self.daemon.regions.iter().any(|r| matches!(r.backing(), Backing::MemfdHugetlb));
-        match PostcopySession::advise(Arc::clone(&self.daemon.migration), hugetlb) {
+        match PostcopySession::advise(Arc::clone(&self.daemon.migration), self.daemon.hugetlb_ram()) {
             Ok((session, for_qemu)) => {
                 log::info!("frontend {}: postcopy advised; QEMU holds the userfaultfd", self.id());
                 self.postcopy = Some(session);
