@@ -113,7 +113,7 @@ impl Daemon {
             regions,
             device: Arc::new(device),
             options,
-            events: EventBus::default(),
+            events: EventBus::new()?,
             migration: Arc::default(),
             postcopy_owner: AtomicU64::new(0),
             started: Instant::now(),

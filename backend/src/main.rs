@@ -105,7 +105,7 @@ fn main() -> Result<()> {
     // Signals are taken by one thread with sigwait, so no handler runs in
     // the middle of another thread's work; block them before any thread starts.
     let signals = gmemd::sys::block_termination_signals().context("blocking SIGTERM/SIGINT")?;
-    let daemon = Arc::new(Daemon::new(regions, device, options).context("creating the quit event")?);
+    let daemon = Arc::new(Daemon::new(regions, device, options).context("creating the quit event and the event thread")?);
     let vhost_listener = gmemd::sys::bind_private_socket(&args.socket).with_context(|| format!("binding {}", args.socket.display()))?;
     let control_thread = match &args.control {
         Some(path) => {
@@ -136,5 +136,6 @@ fn main() -> Result<()> {
     if let Some(path) = &args.control {
         let _ = std::fs::remove_file(path);
     }
+    daemon.events.close();
     Ok(())
 }

@@ -434,3 +434,23 @@ fn looping_or_truncated_chains_are_errors() {
     assert_eq!(fe.complete(&mem, &mut ring, h), (1, S_IOERR), "next past the table");
     assert_eq!(daemon.device().errors, 2, "the looping chain failed too");
 }
+
+/// A control client that never reads its events must not hold up the daemon:
+/// events are delivered by a thread of their own, so frontends connecting
+/// (each announced as an event) are served at once while that client's
+/// socket buffer is full.
+#[test]
+fn a_control_client_that_does_not_read_delays_no_frontend() {
+    let daemon = Gmemd::start(&[]);
+    let _stuck = UnixStream::connect(&daemon.control).expect("control connection that is never read");
+    let mut slowest = std::time::Duration::ZERO;
+    // A few hundred events fill the stuck client's socket buffer.
+    for _ in 0..400 {
+        let started = std::time::Instant::now();
+        let fe = daemon.frontend();
+        fe.vu.get_features().expect("GET_FEATURES");
+        slowest = slowest.max(started.elapsed());
+    }
+    eprintln!("slowest connect + GET_FEATURES: {slowest:?}");
+    assert!(slowest < std::time::Duration::from_secs(2), "a frontend waited {slowest:?} for a control client");
+}
