@@ -99,15 +99,52 @@ impl TerminationSignals {
 }
 
 /// Binds a unix socket at `path` with mode 0600, replacing a stale socket
-/// (but never another kind of file).
+/// (one nobody listens on any more), but never a live one (another gmemd's:
+/// taking it over would cut that daemon's frontends off from it) nor another
+/// kind of file.
 pub fn bind_private_socket(path: &Path) -> io::Result<UnixListener> {
     use std::os::unix::fs::FileTypeExt;
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if meta.file_type().is_socket() {
+            if UnixStream::connect(path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    "another process is listening on this socket (a gmemd already running?); stop it or choose another path",
+                ));
+            }
             std::fs::remove_file(path)?;
         }
     }
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stale_socket_is_replaced_but_a_live_one_is_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.sock");
+        drop(bind_private_socket(&path).expect("first bind"));
+        // Nobody listens on the path any more: replaced.
+        let live = bind_private_socket(&path).expect("bind over a stale socket");
+        let error = bind_private_socket(&path).expect_err("bind over a live socket");
+        assert_eq!(error.kind(), io::ErrorKind::AddrInUse, "{error}");
+        assert!(error.to_string().contains("another process is listening"), "{error}");
+        // The live listener still owns the path.
+        let _client = UnixStream::connect(&path).expect("connect");
+        live.accept().expect("the first listener gets the connection");
+    }
+
+    #[test]
+    fn another_kind_of_file_is_never_removed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("data");
+        std::fs::write(&path, b"keep me").expect("write");
+        assert!(bind_private_socket(&path).is_err());
+        assert_eq!(std::fs::read(&path).expect("read"), b"keep me");
+    }
 }
