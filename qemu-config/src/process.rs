@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, ChildStderr, ChildStdout, Command, ExitStatus, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
@@ -90,6 +91,9 @@ pub struct SpawnOptions {
     /// started as `ip netns exec <netns> <qemu> <args>`, which needs root.
     /// `ip` execs QEMU, so [`QemuProcess::pid`] is still QEMU's pid.
     pub netns: Option<String>,
+    /// QEMU gets SIGTERM when the thread that started it dies, even by
+    /// SIGKILL (PR_SET_PDEATHSIG), so it cannot outlive a `gmemctl launch`.
+    pub stop_with_parent: bool,
 }
 
 /// A running QEMU, killed (SIGKILL) and reaped when dropped.
@@ -120,6 +124,9 @@ impl QemuProcess {
                 Command::new(cmd.binary())
             }
         };
+        if options.stop_with_parent {
+            stop_with_parent(&mut command);
+        }
         let child = command
             .args(cmd.to_args())
             .stdin(Stdio::null())
@@ -222,5 +229,28 @@ impl Drop for QemuProcess {
             Ok(status) => log::debug!("QEMU {} ended: {status}", self.child.id()),
             Err(e) => log::warn!("could not stop QEMU {}: {e}", self.child.id()),
         }
+    }
+}
+
+/// See [`SpawnOptions::stop_with_parent`].
+fn stop_with_parent(command: &mut Command) {
+    // SAFETY: getpid has no preconditions.
+    let parent = unsafe { libc::getpid() };
+    let hook = move || {
+        // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number by value.
+        if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // The parent may have died before the prctl took effect.
+        // SAFETY: getppid has no preconditions.
+        if unsafe { libc::getppid() } != parent {
+            return Err(io::Error::other("the parent exited while QEMU was starting"));
+        }
+        Ok(())
+    };
+    // SAFETY: the hook only makes async-signal-safe system calls on values
+    // it owns, as code between fork and exec must.
+    unsafe {
+        command.pre_exec(hook);
     }
 }

@@ -106,6 +106,7 @@ impl Vm {
             stdout: Output::Null,
             stderr: Output::File(qemu_log.clone()),
             netns: options.netns.clone(),
+            ..SpawnOptions::default()
         };
         let qemu = QemuProcess::spawn_with(&command, &spawn).context("starting QEMU")?;
         Ok(Vm {

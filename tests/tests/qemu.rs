@@ -100,3 +100,53 @@ fn guest_ram_outlives_a_killed_qemu_and_a_new_qemu_reconnects() -> Result<()> {
     ensure!(gmemd.log().matches("connected (pid").count() >= 2, "{}", gmemd.log());
     Ok(())
 }
+
+/// `gmemctl launch` does not leave QEMU behind: SIGTERM to gmemctl stops
+/// QEMU (forwarded), and so does SIGKILL (QEMU's parent-death signal).
+#[test]
+fn gmemctl_launch_takes_qemu_down_with_it() -> Result<()> {
+    let gmemd = Gmemd::start(&GmemdOptions::default())?;
+    for (signal, name) in [(libc::SIGTERM, "SIGTERM"), (libc::SIGKILL, "SIGKILL")] {
+        let log = gmemd.dir.path().join(format!("gmemctl-{name}.log"));
+        let mut launch = std::process::Command::new(gmem_tests::binaries()?.join("gmemctl"))
+            .arg("--control")
+            .arg(&gmemd.control)
+            .args(["launch", "--serial", "none"])
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?;
+        let text = || std::fs::read_to_string(&log).unwrap_or_default();
+        let qemu = wait_for("QEMU's pid in gmemctl's log", || {
+            let text = text();
+            let pid = text.split("QEMU pid ").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse::<i32>().ok()?;
+            Some(pid)
+        })?;
+        wait_for("QEMU attached to gmemd", || (gmemd.client().ok()?.query_status().ok()?.frontends.len() == 1).then_some(()))?;
+        // SAFETY: kill takes a pid and a signal number by value.
+        ensure!(unsafe { libc::kill(launch.id() as i32, signal) } == 0, "signalling gmemctl");
+        let status = launch.wait()?;
+        eprintln!("{name}: gmemctl exited {status}; log:\n{}", text());
+        wait_for(&format!("QEMU gone after {name} to gmemctl"), || (!running(qemu)).then_some(()))?;
+        wait_for("gmemd to see QEMU go", || gmemd.client().ok()?.query_status().ok()?.frontends.is_empty().then_some(()))?;
+    }
+    Ok(())
+}
+
+/// Whether `pid` is a process that has not exited (a zombie has).
+fn running(pid: i32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The state follows the parenthesised command name.
+    stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z'))
+}
+
+fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> Result<T> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(value) = probe() {
+            return Ok(value);
+        }
+        ensure!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

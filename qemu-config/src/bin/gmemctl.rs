@@ -5,13 +5,14 @@ use std::num::NonZeroU32;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::error::ErrorKind;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use gmem_protocol::ControlClient;
-use gmem_qemu::{Accel, QemuCommand, QemuProcess, QmpClient, SerialSink};
+use gmem_qemu::{Accel, QemuCommand, QemuProcess, QmpClient, SerialSink, SpawnOptions};
 
 #[path = "gmemctl/migrate.rs"]
 mod migrate;
@@ -97,6 +98,8 @@ enum GmemdCmd {
         json: bool,
     },
     /// Start QEMU attached to gmemd, wait for it, and exit with its status.
+    /// SIGTERM/SIGINT/SIGHUP to gmemctl stop QEMU cleanly; QEMU never
+    /// outlives gmemctl.
     Launch {
         #[command(flatten)]
         vm: VmArgs,
@@ -274,7 +277,14 @@ fn launch(cmd: QemuCommand, temporary_qmp: bool) -> Result<ExitCode> {
         Some(dir) => cmd.qmp(dir.path().join("qmp.sock")),
         None => cmd,
     };
-    let mut qemu = QemuProcess::spawn(&cmd).context("starting QEMU")?;
+    forward_termination_signals().context("installing signal handlers")?;
+    let options = SpawnOptions { stop_with_parent: true, ..SpawnOptions::default() };
+    let mut qemu = QemuProcess::spawn_with(&cmd, &options).context("starting QEMU")?;
+    QEMU_PID.store(i32::try_from(qemu.pid()).unwrap_or(0), Ordering::SeqCst);
+    if STOP_REQUESTED.load(Ordering::SeqCst) {
+        // A signal came while QEMU was starting.
+        stop_qemu();
+    }
     if let Some(qmp) = cmd.qmp_path() {
         log::info!("QEMU pid {}, QMP socket {}", qemu.pid(), qmp.display());
         report_run_state(qmp.to_owned());
@@ -287,6 +297,47 @@ fn launch(cmd: QemuCommand, temporary_qmp: bool) -> Result<ExitCode> {
         .or_else(|| status.signal().map(|signal| 128 + signal))
         .unwrap_or(1);
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+}
+
+/// QEMU's pid for the signal handler; 0 until QEMU runs.
+static QEMU_PID: AtomicI32 = AtomicI32::new(0);
+/// Set by the signal handler, for a signal that came before QEMU ran.
+static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+/// SIGTERM, SIGINT and SIGHUP to `gmemctl launch` stop QEMU (with SIGTERM,
+/// which QEMU handles as a clean shutdown) instead of leaving it running;
+/// gmemctl then exits with QEMU's status. (If gmemctl itself is killed,
+/// PR_SET_PDEATHSIG stops QEMU.)
+fn forward_termination_signals() -> std::io::Result<()> {
+    extern "C" fn on_signal(_signal: libc::c_int) {
+        STOP_REQUESTED.store(true, Ordering::SeqCst);
+        stop_qemu();
+    }
+    for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        // SAFETY: a zeroed sigaction is valid; sa_sigaction gets a handler
+        // that only touches atomics and calls kill, both async-signal-safe.
+        // SA_RESTART keeps the wait for QEMU going.
+        let result = unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            action.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(signal, &action, std::ptr::null_mut())
+        };
+        if result != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Sends QEMU SIGTERM once it runs; async-signal-safe.
+fn stop_qemu() {
+    let pid = QEMU_PID.load(Ordering::SeqCst);
+    if pid > 0 {
+        // SAFETY: kill takes a pid and a signal number by value.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
 }
 
 /// Logs the guest's run state once QEMU answers on QMP, without holding up
