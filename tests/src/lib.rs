@@ -15,3 +15,15 @@ pub use guest::{agent_append, AgentResults, GuestImage};
 pub use migration::{MigrationOptions, MigrationPair};
 pub use net::{DelayRelay, HostPair};
 pub use vm::{Vm, VmOptions};
+
+/// Polls `probe` every 50 ms until it gives a value, for up to `timeout`.
+pub fn poll_until<T>(what: &str, timeout: std::time::Duration, mut probe: impl FnMut() -> Option<T>) -> anyhow::Result<T> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe() {
+            return Ok(value);
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

@@ -175,11 +175,9 @@ fn postcopy_interrupted_and_recovered_loses_nothing() -> Result<()> {
         migration.switch_to_postcopy(src)?;
         // Let the guest run on the destination and the device fault, then
         // break the stream as a network failure would.
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while dst.query_status()? != "running" {
-            ensure!(std::time::Instant::now() < deadline, "the guest never ran on the destination");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        gmem_tests::poll_until("the guest to run on the destination", Duration::from_secs(30), || {
+            dst.query_status().ok().filter(|state| state == "running")
+        })?;
         std::thread::sleep(Duration::from_millis(1000));
         relay.cut();
         migration.recover(dst, &listen)?;

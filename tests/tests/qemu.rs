@@ -5,10 +5,12 @@ use std::io::Read;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use gmem_tests::{Gmemd, GmemdOptions, Vm};
+use gmem_tests::{poll_until, Gmemd, GmemdOptions, Vm};
 use sha2::{Digest, Sha256};
 
 const BOOT_AND_RUN: Duration = Duration::from_secs(180);
+/// For QEMU and gmemctl to start or stop (no guest boot involved).
+const WAIT: Duration = Duration::from_secs(20);
 
 fn sha256_of_prefix(path: &std::path::Path, bytes: u64) -> Result<String> {
     let mut file = std::fs::File::open(path)?.take(bytes);
@@ -117,18 +119,18 @@ fn gmemctl_launch_takes_qemu_down_with_it() -> Result<()> {
             .stderr(std::fs::File::create(&log)?)
             .spawn()?;
         let text = || std::fs::read_to_string(&log).unwrap_or_default();
-        let qemu = wait_for("QEMU's pid in gmemctl's log", || {
+        let qemu = poll_until("QEMU's pid in gmemctl's log", WAIT, || {
             let text = text();
             let pid = text.split("QEMU pid ").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse::<i32>().ok()?;
             Some(pid)
         })?;
-        wait_for("QEMU attached to gmemd", || (gmemd.client().ok()?.query_status().ok()?.frontends.len() == 1).then_some(()))?;
+        poll_until("QEMU attached to gmemd", WAIT, || (gmemd.client().ok()?.query_status().ok()?.frontends.len() == 1).then_some(()))?;
         // SAFETY: kill takes a pid and a signal number by value.
         ensure!(unsafe { libc::kill(launch.id() as i32, signal) } == 0, "signalling gmemctl");
         let status = launch.wait()?;
         eprintln!("{name}: gmemctl exited {status}; log:\n{}", text());
-        wait_for(&format!("QEMU gone after {name} to gmemctl"), || (!running(qemu)).then_some(()))?;
-        wait_for("gmemd to see QEMU go", || gmemd.client().ok()?.query_status().ok()?.frontends.is_empty().then_some(()))?;
+        poll_until(&format!("QEMU gone after {name} to gmemctl"), WAIT, || (!running(qemu)).then_some(()))?;
+        poll_until("gmemd to see QEMU go", WAIT, || gmemd.client().ok()?.query_status().ok()?.frontends.is_empty().then_some(()))?;
     }
     Ok(())
 }
@@ -138,15 +140,4 @@ fn running(pid: i32) -> bool {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // The state follows the parenthesised command name.
     stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z'))
-}
-
-fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> Result<T> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(value) = probe() {
-            return Ok(value);
-        }
-        ensure!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
