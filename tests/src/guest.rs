@@ -137,7 +137,9 @@ impl AgentResults {
     /// Parses captured serial output. Robust against what a raw console
     /// carries besides our lines: `\r\n` endings, firmware escape sequences and
     /// kernel messages before a marker on the same line, interleaved kernel log
-    /// lines, a truncated last line.
+    /// lines, a truncated last line. A last line without its newline is left
+    /// out: the guest may still be writing it, and reading it half-way would
+    /// report a result line without its later keys.
     ///
     /// Values are cut at the first character outside `[A-Za-z0-9._:+/-]`
     /// (agents only print such values), so a kernel message that lands in the
@@ -145,7 +147,8 @@ impl AgentResults {
     /// without `=` are ignored.
     pub fn parse(serial: &str) -> AgentResults {
         let mut results = AgentResults::default();
-        for line in serial.split(['\n', '\r']) {
+        let complete = serial.rfind(['\n', '\r']).map_or("", |end| &serial[..end]);
+        for line in complete.split(['\n', '\r']) {
             if let Some(rest) = after_marker(line, RESULT_MARKER) {
                 for token in rest.split_whitespace() {
                     let Some((key, value)) = token.split_once('=') else {
@@ -297,6 +300,15 @@ mod tests {
     }
 
     #[test]
+    fn a_line_still_being_written_is_not_read() {
+        let serial = "GMEMD-RESULT seqio_blocks=16384 seqio_bad_slots=0\nGMEMD-RESULT seqio_blocks=16384 seqio_bad";
+        let r = AgentResults::parse(serial);
+        assert_eq!(r.all("seqio_blocks"), ["16384"], "only the complete line");
+        assert_eq!(r.get("seqio_bad_slots"), Some("0"));
+        assert_eq!(AgentResults::parse("GMEMD-RESULT done=1").get("done"), None);
+    }
+
+    #[test]
     fn last_value_wins_and_all_keeps_order() {
         let serial = "GMEMD-RESULT op=seq-write mib=128 seconds=0.28 mib_per_s=451.51\n\
             GMEMD-RESULT op=seq-read mib=128 seconds=0.06 mib_per_s=2016.17\n\
@@ -345,8 +357,13 @@ mod tests {
             Some(127)
         );
         assert_eq!(
-            AgentResults::parse("GMEMD-AGENT-EXIT 1\nGMEMD-AGENT-EXIT 0").exit_code(),
+            AgentResults::parse("GMEMD-AGENT-EXIT 1\nGMEMD-AGENT-EXIT 0\n").exit_code(),
             Some(0)
+        );
+        // A line without its newline yet is not read.
+        assert_eq!(
+            AgentResults::parse("GMEMD-AGENT-EXIT 1\nGMEMD-AGENT-EXIT 0").exit_code(),
+            Some(1)
         );
         // Cut off mid-line, or no exit line at all.
         assert_eq!(AgentResults::parse("GMEMD-AGENT-EXIT ").exit_code(), None);
