@@ -17,9 +17,9 @@
 //!    `completed`, `query-migrate` and `query-status` on the destination
 //!    until it is `completed` and no longer `inmigrate`.
 //! 4. Postcopy recovery, after the source reached `postcopy-paused`
-//!    (connection lost, or [`Migration::pause`], which is `migrate-pause`):
-//!    [`Migration::recover`] (`migrate-recover {uri}` on the destination,
-//!    which QEMU accepts only once the destination is `postcopy-paused`),
+//!    (connection lost, or [`Migration::pause`]): [`Migration::recover`]
+//!    (`migrate-recover {uri}` on the destination, out of band, which QEMU
+//!    accepts only once the destination is `postcopy-paused`),
 //!    then [`Migration::resume`] (`migrate {uri, resume: true}` on the
 //!    source, which must be `postcopy-paused` too), then `wait` again.
 //!

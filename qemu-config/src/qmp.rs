@@ -44,6 +44,9 @@ pub enum QmpError {
     /// QEMU sent something that is not QMP.
     #[error("malformed QMP message: {0}")]
     Malformed(String),
+    /// [`QmpClient::execute_oob`] on a monitor without out-of-band support.
+    #[error("{0}: this QMP monitor does not offer out-of-band execution")]
+    OobUnavailable(String),
     /// QEMU answered a command with an error.
     #[error("{command}: {class}: {desc}")]
     Command {
@@ -67,6 +70,8 @@ pub struct QmpClient {
     greeting: Value,
     timeout: Duration,
     next_id: u64,
+    /// Out-of-band execution enabled (QEMU offers it on socket monitors).
+    oob: bool,
 }
 
 impl QmpClient {
@@ -117,6 +122,7 @@ impl QmpClient {
             greeting: Value::Null,
             timeout: DEFAULT_TIMEOUT,
             next_id: 1,
+            oob: false,
         };
         let deadline = Instant::now() + client.timeout;
         let greeting = client
@@ -127,8 +133,12 @@ impl QmpClient {
                 "expected a greeting, got {greeting}"
             )));
         }
+        let offered = &greeting["QMP"]["capabilities"];
+        let oob = offered.as_array().is_some_and(|c| c.contains(&json!("oob")));
         client.greeting = greeting;
-        client.execute("qmp_capabilities", Value::Null)?;
+        let enable = if oob { json!({ "enable": ["oob"] }) } else { Value::Null };
+        client.execute("qmp_capabilities", enable)?;
+        client.oob = oob;
         Ok(client)
     }
 
@@ -145,9 +155,30 @@ impl QmpClient {
     /// Runs `command` and returns its `return` value. `arguments` is sent
     /// as given unless it is `Value::Null`, which means "no arguments".
     pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, QmpError> {
+        self.request("execute", command, arguments)
+    }
+
+    /// Whether out-of-band execution is enabled on this connection.
+    pub fn oob(&self) -> bool {
+        self.oob
+    }
+
+    /// Runs `command` out of band (`exec-oob`): QEMU's monitor thread
+    /// answers it even while the main loop is blocked, as it is when a vCPU
+    /// holding the big lock faults on a page a paused postcopy cannot
+    /// deliver. Only commands QEMU marks allow-oob qualify (`migrate-recover`,
+    /// `migrate-pause`).
+    pub fn execute_oob(&mut self, command: &str, arguments: Value) -> Result<Value, QmpError> {
+        if !self.oob {
+            return Err(QmpError::OobUnavailable(command.to_owned()));
+        }
+        self.request("exec-oob", command, arguments)
+    }
+
+    fn request(&mut self, kind: &str, command: &str, arguments: Value) -> Result<Value, QmpError> {
         let id = self.next_id;
         self.next_id += 1;
-        let mut request = json!({ "execute": command, "id": id });
+        let mut request = json!({ kind: command, "id": id });
         if !arguments.is_null() {
             request["arguments"] = arguments;
         }
@@ -164,7 +195,13 @@ impl QmpClient {
                 self.events.push_back(message);
                 continue;
             }
-            if message.get("id") != Some(&json!(id)) {
+            let reply_to = message.get("id").and_then(Value::as_u64);
+            if reply_to.is_some_and(|earlier| earlier < id) {
+                // The late reply to a command that timed out.
+                log::warn!("QMP: dropping a late reply: {message}");
+                continue;
+            }
+            if reply_to != Some(id) {
                 return Err(QmpError::Malformed(format!(
                     "{message} is not the reply to {command}"
                 )));

@@ -169,8 +169,10 @@ fn postcopy_interrupted_and_recovered_loses_nothing() -> Result<()> {
     let relay = pair.hosts.delay_relay(PORT, Duration::ZERO)?;
     let mut plan = postcopy_plan(&pair, Some(&relay));
     plan.postcopy = Some(SwitchToPostcopy::After(Duration::ZERO));
-    let listen = plan.listen_uri.clone();
-    let connect = plan.connect_uri.clone();
+    // The recovered stream takes a port of its own, straight to the
+    // destination: a destination whose main loop is blocked on a page
+    // (see Migration::recover) has not closed the first listener yet.
+    let recovery = format!("tcp:{}:{}", pair.hosts.dst_addr(), PORT + 1);
     let report = migrate(&mut pair, &plan, |migration, src, dst, pair| {
         migration.switch_to_postcopy(src)?;
         // Let the guest run on the destination and the device fault, then
@@ -180,10 +182,10 @@ fn postcopy_interrupted_and_recovered_loses_nothing() -> Result<()> {
         })?;
         std::thread::sleep(Duration::from_millis(1000));
         relay.cut();
-        migration.recover(dst, &listen)?;
+        migration.recover(dst, &recovery)?;
         let paused = pair.dest.client()?.query_migration()?;
         ensure!(paused.state == MigrationState::PostcopyRunning, "gmemd dropped its registration: {paused:?}");
-        migration.resume(src, &connect)?;
+        migration.resume(src, &recovery)?;
         Ok(())
     });
     let report = report?;

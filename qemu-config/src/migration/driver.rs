@@ -11,7 +11,7 @@ use super::{
     MigrationOptions, MigrationReport, MigrationStatus, Progress, QemuMigrationInfo, Side,
     SwitchToPostcopy, POLL_INTERVAL, STATE_CHANGE_TIMEOUT,
 };
-use crate::qmp::QmpClient;
+use crate::qmp::{QmpClient, QmpError};
 
 /// A migration the source QEMU runs, from [`start`](Self::start) (or
 /// [`attach`](Self::attach)) to [`wait`](Self::wait)'s report.
@@ -199,8 +199,10 @@ impl Migration {
     /// Pauses a postcopy migration on purpose: waits for the guest to run
     /// on the destination (a pause before that makes the destination fail
     /// instead of pausing), sends `migrate-pause` to the source (which
-    /// must be `postcopy-active` or `postcopy-recover`), and waits
-    /// for both sides to be `postcopy-paused`.
+    /// must be `postcopy-active` or `postcopy-recover`), and waits for it
+    /// to be `postcopy-paused`. The destination is not asked: its main loop
+    /// may be blocked on a page by then ([`recover`](Self::recover) waits
+    /// for it out of band).
     pub fn pause(&self, src: &mut QmpClient, dst: &mut QmpClient) -> Result<(), MigrationError> {
         let status = query_migrate(src, Side::Source)?.status();
         if !matches!(
@@ -218,25 +220,37 @@ impl Migration {
             .map_err(MigrationError::qmp(Side::Source))?;
         let paused = [MigrationStatus::PostcopyPaused];
         wait_for_status(src, Side::Source, &paused, STATE_CHANGE_TIMEOUT)?;
-        wait_for_status(dst, Side::Destination, &paused, STATE_CHANGE_TIMEOUT)?;
         Ok(())
     }
 
-    /// The destination's half of a postcopy recovery: waits for it to be
-    /// `postcopy-paused` (it notices a lost connection a moment after the
-    /// source), then `migrate-recover`: it listens on `uri` for the
-    /// source's [`resume`](Self::resume).
+    /// The destination's half of a postcopy recovery: `migrate-recover`,
+    /// so that it listens on `uri` for the source's [`resume`](Self::resume).
+    ///
+    /// Sent out of band when the monitor allows it. A paused destination's
+    /// main loop can be blocked until the stream resumes: a vCPU that holds
+    /// QEMU's big lock faults on a page only the resumed stream can bring
+    /// (TCG delivers interrupts that way, writing the guest's stack), and
+    /// then only the monitor thread answers. The destination notices the
+    /// lost connection a moment after the source, so the command is
+    /// repeated while QEMU says postcopy is not paused yet.
     pub fn recover(&self, dst: &mut QmpClient, uri: &str) -> Result<(), MigrationError> {
         let side = Side::Destination;
-        wait_for_status(
-            dst,
-            side,
-            &[MigrationStatus::PostcopyPaused],
-            STATE_CHANGE_TIMEOUT,
-        )?;
-        dst.execute("migrate-recover", json!({ "uri": uri }))
-            .map_err(MigrationError::qmp(side))?;
-        Ok(())
+        let arguments = json!({ "uri": uri });
+        if !dst.oob() {
+            wait_for_status(dst, side, &[MigrationStatus::PostcopyPaused], STATE_CHANGE_TIMEOUT)?;
+            dst.execute("migrate-recover", arguments).map_err(MigrationError::qmp(side))?;
+            return Ok(());
+        }
+        let deadline = Instant::now() + STATE_CHANGE_TIMEOUT;
+        loop {
+            match dst.execute_oob("migrate-recover", arguments.clone()) {
+                Ok(_) => return Ok(()),
+                Err(QmpError::Command { desc, .. }) if desc.contains("postcopy is paused") && Instant::now() < deadline => {
+                    sleep(POLL_INTERVAL);
+                }
+                Err(error) => return Err(MigrationError::qmp(side)(error)),
+            }
+        }
     }
 
     /// The source's half of a postcopy recovery, after

@@ -26,12 +26,17 @@ impl FakeQemu {
         self.writer.write_all(text.as_bytes()).expect("write");
     }
 
-    /// Reads one request, checks its command, and returns its id.
+    /// Reads one request, checks its command, and returns it.
     fn expect(&mut self, command: &str) -> Value {
+        self.expect_kind("execute", command)
+    }
+
+    /// Like `expect`, for an `execute` or `exec-oob` request.
+    fn expect_kind(&mut self, kind: &str, command: &str) -> Value {
         let mut line = String::new();
         self.reader.read_line(&mut line).expect("read");
         let request: Value = serde_json::from_str(&line).expect("request is JSON");
-        assert_eq!(request["execute"], command, "{line}");
+        assert_eq!(request[kind], command, "{line}");
         request
     }
 
@@ -39,7 +44,7 @@ impl FakeQemu {
     fn negotiate(&mut self) {
         self.send(&format!("{GREETING}\n"));
         let request = self.expect("qmp_capabilities");
-        assert!(request.get("arguments").is_none());
+        assert_eq!(request["arguments"], json!({"enable": ["oob"]}), "oob is offered, so enabled");
         self.send(&format!(
             "{{\"return\": {{}}, \"id\": {}}}\n",
             request["id"]
@@ -200,4 +205,42 @@ fn connect_retries_until_the_socket_appears() {
     });
     assert!(gave_up.is_err());
     assert_eq!(tries, 3);
+}
+
+#[test]
+fn out_of_band_commands_and_late_replies() {
+    let (mut client, server) = pair(|mut qemu| {
+        qemu.negotiate();
+        // An in-band command whose reply comes only after the client gave up.
+        let late = qemu.expect("query-migrate");
+        let recover = qemu.expect_kind("exec-oob", "migrate-recover");
+        assert_eq!(recover["arguments"], json!({"uri": "tcp:10.0.0.2:4445"}));
+        qemu.send(&format!("{{\"return\": {{}}, \"id\": {}}}\n", late["id"]));
+        qemu.send(&format!("{{\"return\": {{}}, \"id\": {}}}\n", recover["id"]));
+    });
+    assert!(client.oob());
+    client.set_timeout(Duration::from_millis(100));
+    assert!(matches!(client.execute("query-migrate", Value::Null), Err(QmpError::Timeout(_))));
+    client.set_timeout(Duration::from_secs(10));
+    client
+        .execute_oob("migrate-recover", json!({"uri": "tcp:10.0.0.2:4445"}))
+        .expect("the late in-band reply is skipped, the oob one taken");
+    server.join().expect("fake QEMU");
+}
+
+#[test]
+fn out_of_band_needs_the_capability() {
+    let (ours, theirs) = UnixStream::pair().expect("socketpair");
+    let server = thread::spawn(move || {
+        let mut qemu = FakeQemu::new(theirs);
+        qemu.send("{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n");
+        let request = qemu.expect("qmp_capabilities");
+        assert!(request.get("arguments").is_none(), "nothing to enable");
+        qemu.send(&format!("{{\"return\": {{}}, \"id\": {}}}\n", request["id"]));
+    });
+    let mut client = QmpClient::handshake(ours).expect("handshake");
+    server.join().expect("fake QEMU");
+    assert!(!client.oob());
+    let refused = client.execute_oob("migrate-recover", json!({"uri": "unix:/x"}));
+    assert!(matches!(refused, Err(QmpError::OobUnavailable(_))), "{refused:?}");
 }

@@ -41,7 +41,9 @@ the first full pass (or after --postcopy-after) and pages it still lacks are
 fetched from the source on demand: the destination gmemd's device faults on
 them too (it needs userfaultfd, i.e. root). A postcopy migration cannot be
 cancelled; if its connection breaks it pauses (the guest waits for missing
-pages), and `gmemctl migrate --resume` with the same arguments recovers it.
+pages), and `gmemctl migrate --resume` with the same arguments recovers it,
+best with a new port in --uri: a destination whose main loop waits on a page
+may still hold the first one (migrate-recover is sent out of band for it).
 
 QEMU's QMP sockets serve one client at a time: nothing else may hold them.";
 
@@ -56,7 +58,7 @@ Examples:
       --postcopy-after 2 --max-bandwidth 100M --json
 
   # The postcopy connection broke and the migration paused: recover it.
-  gmemctl migrate --from src.qmp --to dst.qmp --uri unix:/tmp/mig.sock --resume";
+  gmemctl migrate --from src.qmp --to dst.qmp --uri unix:/tmp/mig2.sock --resume";
 
 #[derive(Debug, Args)]
 pub struct MigrateArgs {
@@ -232,7 +234,7 @@ pub fn run(args: &MigrateArgs) -> Result<()> {
             return Err(anyhow!(
                 "{e}; the guest runs on the destination and waits for the pages still on the \
                  source: once the connection works again, run the same command plus --resume \
-                 (--uri may change)"
+                 (with a new port or path in --uri)"
             ));
         }
         Err(e) => return Err(e.into()),
