@@ -211,6 +211,13 @@ pub fn fault_in(iovecs: &[libc::iovec], stats: &MigrationStats) {
         }
         for (index, _) in residency.iter().enumerate().filter(|(_, r)| **r & 1 == 0) {
             let page = start + index * PAGE;
+            // Placing one page may have placed this one too: a hugetlb page
+            // covers 512 of these, and QEMU may have streamed it meanwhile.
+            let mut now = 0u8;
+            // SAFETY: as above, for one page and a one-byte vector.
+            if unsafe { libc::mincore(page as *mut libc::c_void, PAGE, &mut now) } == 0 && now & 1 == 1 {
+                continue;
+            }
             let started = Instant::now();
             // SAFETY: one whole page of the same live mapping; populating
             // reads it in (through QEMU's resolution of the fault) and does
