@@ -20,10 +20,16 @@ pub fn parse_region(spec: &str) -> Result<RegionSpec, CliError> {
     let (mut id, mut size, mut hugetlb, mut path) = (None, None, false, None);
     for part in spec.split(',') {
         match part.split_once('=') {
-            Some(("id", v)) if !v.is_empty() && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') => {
+            // The id becomes QEMU's object id, which must start with a letter.
+            Some(("id", v))
+                if v.starts_with(|c: char| c.is_ascii_alphabetic())
+                    && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') =>
+            {
                 id = Some(v.to_string())
             }
-            Some(("id", _)) => return Err(fail("id must be non-empty letters, digits, '-' or '_'")),
+            Some(("id", _)) => {
+                return Err(fail("id must start with a letter and hold only letters, digits, '-' or '_' (it is QEMU's object id)"))
+            }
             Some(("size", v)) => size = Some(parse_size(v).map_err(|e| fail(&e.to_string()))?),
             Some(("path", v)) if !v.is_empty() => path = Some(PathBuf::from(v)),
             None if part == "hugetlb" => hugetlb = true,
@@ -50,7 +56,8 @@ mod tests {
         assert_eq!(parse_region("id=h,size=2M,hugetlb").expect("huge").backing, Backing::MemfdHugetlb);
         let f = parse_region("size=4M,id=f,path=/dev/shm/ram").expect("file");
         assert_eq!(f.backing, Backing::File("/dev/shm/ram".into()));
-        for bad in ["size=1G", "id=x", "id=,size=1G", "id=a b,size=1G", "id=x,size=1Q", "id=x,size=1G,color=red"] {
+        let bad = ["size=1G", "id=x", "id=,size=1G", "id=a b,size=1G", "id=0ram,size=1G", "id=-x,size=1G", "id=x,size=1Q", "id=x,size=1G,color=red"];
+        for bad in bad {
             let error = parse_region(bad).expect_err(bad);
             assert!(error.to_string().contains("expected id=NAME"), "{error}");
         }
