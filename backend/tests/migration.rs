@@ -276,6 +276,7 @@ fn an_advised_postcopy_that_completed_in_precopy_lets_the_device_run() {
 #[test]
 fn postcopy_with_set_mem_table_replies_with_gmemd_bases() {
     let daemon = Gmemd::start(&[]);
+    assert_eq!(daemon.ctl().query_migration().expect("query").postcopy.unavailable, None, "root may use userfaultfd");
     let mut fe = daemon.frontend();
     fe.handshake(VhostUserProtocolFeatures::PAGEFAULT);
     let mem = daemon.map_ram();
@@ -360,7 +361,9 @@ fn unprivileged_gmemd_does_not_offer_postcopy_and_says_why() {
     let log = daemon.log();
     assert!(log.contains("were not offered (postcopy: cannot create a userfaultfd"), "{log}");
     assert!(log.contains("POSTCOPY_ADVISE refused"), "{log}");
-    assert_eq!(daemon.ctl().query_migration().expect("query").state, MigrationState::None);
+    let info = daemon.ctl().query_migration().expect("query");
+    assert_eq!(info.state, MigrationState::None);
+    assert!(info.postcopy.unavailable.as_deref().is_some_and(|r| r.contains(why)), "{info:?}");
     let mem = daemon.map_ram();
     fe.set_table(&[mem.whole()]).expect("table");
     let mut ring = Ring::create(&mem, RING, QUEUE_SIZE);

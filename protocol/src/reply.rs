@@ -252,6 +252,11 @@ pub struct PostcopyInfo {
     pub device_faults: u64,
     /// Time from the device's fault to QEMU's wake-up, per page.
     pub fault_latency: LatencySummary,
+    /// Why this gmemd cannot serve postcopy (it could not create a
+    /// userfaultfd at start-up, so it does not offer PAGEFAULT); absent
+    /// when it can.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unavailable: Option<String>,
 }
 
 /// A latency distribution, in microseconds (percentiles within 1/8 of the value).

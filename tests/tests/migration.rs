@@ -204,6 +204,23 @@ fn postcopy_is_refused_up_front_by_an_unprivileged_destination() -> Result<()> {
     let mut pair = pair("unprivileged", 24, 1, nobody)?;
     let why = "postcopy needs gmemd to run as root, with CAP_SYS_PTRACE";
     ensure!(pair.dest.log().contains(why), "{}", pair.dest.log());
+    let reported = pair.dest.client()?.query_migration()?.postcopy.unavailable;
+    ensure!(reported.as_deref().is_some_and(|r| r.contains(why)), "query-migration: {reported:?}");
+
+    // gmemctl asks the destination gmemd first and says why.
+    let endpoint = |vm: &gmem_tests::Vm, gmemd: &gmem_tests::Gmemd| {
+        format!("qmp={},control={}", vm.qmp_path().display(), gmemd.control.display())
+    };
+    let gmemctl = std::process::Command::new(gmem_tests::binaries()?.join("gmemctl"))
+        .args(["migrate", "--postcopy", "--uri", &plan(&pair, None).listen_uri])
+        .args(["--from", &endpoint(&pair.source_vm, &pair.source)])
+        .args(["--to", &endpoint(&pair.dest_vm, &pair.dest)])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&gmemctl.stderr);
+    ensure!(!gmemctl.status.success() && stderr.contains("the destination gmemd cannot serve postcopy"), "gmemctl: {stderr}");
+    ensure!(stderr.contains(why), "gmemctl does not say why: {stderr}");
+
+    // QEMU refuses it too, when asked directly.
     let refused = prepare_destination(&mut pair.dest_vm.qmp()?, &postcopy_plan(&pair, None));
     let error = format!("{:#}", refused.err().context("the destination accepted postcopy-ram")?);
     eprintln!("destination QEMU: {error}");

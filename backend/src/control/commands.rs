@@ -11,7 +11,11 @@ pub fn execute(daemon: &Daemon, command: &Command) -> Result<Value, ErrorReply> 
         Command::QueryStatus => serde_json::to_value(status(daemon)),
         Command::QueryRegions => serde_json::to_value(regions(daemon)),
         Command::QueryDevice => serde_json::to_value(device(daemon)),
-        Command::QueryMigration => serde_json::to_value(daemon.migration.info()),
+        Command::QueryMigration => {
+            let mut info = daemon.migration.info();
+            info.postcopy.unavailable = daemon.postcopy_unavailable().map(str::to_owned);
+            serde_json::to_value(info)
+        }
         Command::Quit => Ok(Value::Object(Default::default())),
     };
     value.map_err(|e| ErrorReply::new(ErrorClass::GenericError, format!("cannot encode the reply: {e}")))

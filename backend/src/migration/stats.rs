@@ -110,6 +110,7 @@ impl MigrationStats {
                 registered_bytes: self.registered_bytes.load(Ordering::Relaxed),
                 device_faults: fault_latency.count,
                 fault_latency,
+                unavailable: None,
             },
             device_io: DeviceIoWindow {
                 first_completion_us: self.first_completion_us.load(Ordering::Relaxed),

@@ -205,6 +205,9 @@ pub fn run(args: &MigrateArgs) -> Result<()> {
     let mut migration = if args.resume {
         take_over(&mut src.qmp, &mut dst.qmp, &options)?
     } else {
+        if options.postcopy.is_some() {
+            destination_serves_postcopy(&mut dst)?;
+        }
         prepare_destination(&mut dst.qmp, &options)?;
         Migration::start(&mut src.qmp, &options)?
     };
@@ -240,6 +243,21 @@ pub fn run(args: &MigrateArgs) -> Result<()> {
         Err(e) => return Err(e.into()),
     }
     Ok(())
+}
+
+/// Says why postcopy cannot work before anything is set up, if the
+/// destination gmemd knows (QEMU would refuse too, saying less).
+fn destination_serves_postcopy(dst: &mut Connected) -> Result<()> {
+    let Some(gmemd) = dst.gmemd.as_mut() else {
+        return Ok(());
+    };
+    let info = gmemd.query_migration().context("query-migration on the destination gmemd")?;
+    match info.postcopy.unavailable {
+        Some(why) => Err(anyhow!(
+            "the destination gmemd cannot serve postcopy: {why}; migrate without --postcopy, or restart it with that privilege"
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Attaches to the migration the source runs and, if it paused in
