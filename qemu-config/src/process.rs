@@ -3,8 +3,8 @@
 
 use std::fs::File;
 use std::io;
-use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStderr, ChildStdout, Command, ExitStatus, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
@@ -244,7 +244,9 @@ fn stop_with_parent(command: &mut Command) {
         // The parent may have died before the prctl took effect.
         // SAFETY: getppid has no preconditions.
         if unsafe { libc::getppid() } != parent {
-            return Err(io::Error::other("the parent exited while QEMU was starting"));
+            return Err(io::Error::other(
+                "the parent exited while QEMU was starting",
+            ));
         }
         Ok(())
     };

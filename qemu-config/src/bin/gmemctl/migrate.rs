@@ -251,7 +251,9 @@ fn destination_serves_postcopy(dst: &mut Connected) -> Result<()> {
     let Some(gmemd) = dst.gmemd.as_mut() else {
         return Ok(());
     };
-    let info = gmemd.query_migration().context("query-migration on the destination gmemd")?;
+    let info = gmemd
+        .query_migration()
+        .context("query-migration on the destination gmemd")?;
     match info.postcopy.unavailable {
         Some(why) => Err(anyhow!(
             "the destination gmemd cannot serve postcopy: {why}; migrate without --postcopy, or restart it with that privilege"
