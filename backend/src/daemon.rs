@@ -16,7 +16,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::blk::BlkDevice;
 use crate::control::EventBus;
-use crate::memory::{Backing, RegionSet};
+use crate::memory::RegionSet;
 use crate::migration::{MigrationStats, Userfault};
 
 /// Daemon-wide switches.
@@ -124,11 +124,6 @@ impl Daemon {
         })
     }
 
-    /// Whether guest RAM is hugetlb memory (userfaultfd needs to know).
-    pub fn hugetlb_ram(&self) -> bool {
-        hugetlb(&self.regions)
-    }
-
     /// Why postcopy cannot be served, if it cannot: then PAGEFAULT is not
     /// offered, and QEMU refuses the postcopy-ram capability up front
     /// ("vhost-user backend not capable of postcopy") instead of failing
@@ -139,7 +134,7 @@ impl Daemon {
 
     /// Creates (and drops) a userfaultfd of the kind ADVISE would create.
     fn probe_postcopy(regions: &RegionSet) -> Option<String> {
-        let error = Userfault::open(hugetlb(regions)).err()?.to_string();
+        let error = Userfault::open(regions.hugetlb()).err()?.to_string();
         log::warn!("postcopy migration unavailable, so not offered to QEMU: {error}");
         Some(error)
     }
@@ -219,8 +214,4 @@ impl Daemon {
     pub fn quit_event(&self) -> &EventFd {
         &self.quit_event
     }
-}
-
-fn hugetlb(regions: &RegionSet) -> bool {
-    regions.iter().any(|r| matches!(r.backing(), Backing::MemfdHugetlb))
 }

@@ -175,12 +175,15 @@ fn postcopy_interrupted_and_recovered_loses_nothing() -> Result<()> {
     let recovery = format!("tcp:{}:{}", pair.hosts.dst_addr(), PORT + 1);
     let report = migrate(&mut pair, &plan, |migration, src, dst, pair| {
         migration.switch_to_postcopy(src)?;
-        // Let the guest run on the destination and the device fault, then
-        // break the stream as a network failure would.
+        // Let the guest run on the destination until its device has faulted
+        // on a missing page, then break the stream as a network failure would.
         gmem_tests::poll_until("the guest to run on the destination", Duration::from_secs(30), || {
             dst.query_status().ok().filter(|state| state == "running")
         })?;
-        std::thread::sleep(Duration::from_millis(1000));
+        gmem_tests::poll_until("a device fault on the destination", Duration::from_secs(30), || {
+            let info = pair.dest.client().ok()?.query_migration().ok()?;
+            (info.postcopy.device_faults > 0).then_some(())
+        })?;
         relay.cut();
         migration.recover(dst, &recovery)?;
         let paused = pair.dest.client()?.query_migration()?;

@@ -33,6 +33,11 @@ impl RegionSet {
         self.regions.iter()
     }
 
+    /// Whether any region is a hugetlb memfd (userfaultfd must be told).
+    pub fn hugetlb(&self) -> bool {
+        self.iter().any(|r| matches!(r.backing(), Backing::MemfdHugetlb))
+    }
+
     /// The region whose file is `identity`, if the daemon owns it.
     pub fn find(&self, identity: FileIdentity) -> Option<&Arc<GuestRegion>> {
         self.regions.iter().find(|r| r.identity() == identity)

@@ -92,7 +92,7 @@ impl FrontendConnection {
         if let Err(owner) = self.daemon.claim_postcopy(self.id()) {
             return refuse(format!("frontend {owner} is in postcopy on the same guest RAM"));
         }
-        match PostcopySession::advise(Arc::clone(&self.daemon.migration), self.daemon.hugetlb_ram()) {
+        match PostcopySession::advise(Arc::clone(&self.daemon.migration), self.daemon.regions.hugetlb()) {
             Ok((session, for_qemu)) => {
                 log::info!("frontend {}: postcopy advised; QEMU holds the userfaultfd", self.id());
                 self.postcopy = Some(session);
