@@ -36,7 +36,6 @@ pub struct FrontendConnection {
     daemon: Arc<Daemon>,
     status: Arc<FrontendStatus>,
     acked_features: u64,
-    acked_protocol_features: u64,
     table: MemoryTable,
     ram: GuestMemoryAtomic<GuestRam>,
     vrings: Vec<Vring>,
@@ -58,7 +57,6 @@ impl FrontendConnection {
             daemon,
             status,
             acked_features: 0,
-            acked_protocol_features: 0,
             table: MemoryTable::default(),
             ram: GuestMemoryAtomic::new(GuestRam::default()),
         }
@@ -171,7 +169,7 @@ impl VhostUserBackendReqHandlerMut for FrontendConnection {
             };
             return Err(nack(format!("protocol features {unoffered:?} were not offered{why}")));
         }
-        self.acked_protocol_features = features;
+        // The vhost crate keeps the acked set and checks it per message.
         Ok(())
     }
 
