@@ -28,7 +28,9 @@ pub fn parse_region(spec: &str) -> Result<RegionSpec, CliError> {
                 id = Some(v.to_string())
             }
             Some(("id", _)) => {
-                return Err(fail("id must start with a letter and hold only letters, digits, '-' or '_' (it is QEMU's object id)"))
+                return Err(fail(
+                    "id must start with a letter and hold only letters, digits, '-' or '_' (it is QEMU's object id)",
+                ))
             }
             Some(("size", v)) => size = Some(parse_size(v).map_err(|e| fail(&e.to_string()))?),
             Some(("path", v)) if !v.is_empty() => path = Some(PathBuf::from(v)),
@@ -42,7 +44,11 @@ pub fn parse_region(spec: &str) -> Result<RegionSpec, CliError> {
         // A file on hugetlbfs is hugetlb-backed by where it lives.
         (_, Some(path)) => Backing::File(path),
     };
-    Ok(RegionSpec { id: id.ok_or_else(|| fail("missing id="))?, size: size.ok_or_else(|| fail("missing size="))?, backing })
+    Ok(RegionSpec {
+        id: id.ok_or_else(|| fail("missing id="))?,
+        size: size.ok_or_else(|| fail("missing size="))?,
+        backing,
+    })
 }
 
 #[cfg(test)]
@@ -56,7 +62,16 @@ mod tests {
         assert_eq!(parse_region("id=h,size=2M,hugetlb").expect("huge").backing, Backing::MemfdHugetlb);
         let f = parse_region("size=4M,id=f,path=/dev/shm/ram").expect("file");
         assert_eq!(f.backing, Backing::File("/dev/shm/ram".into()));
-        let bad = ["size=1G", "id=x", "id=,size=1G", "id=a b,size=1G", "id=0ram,size=1G", "id=-x,size=1G", "id=x,size=1Q", "id=x,size=1G,color=red"];
+        let bad = [
+            "size=1G",
+            "id=x",
+            "id=,size=1G",
+            "id=a b,size=1G",
+            "id=0ram,size=1G",
+            "id=-x,size=1G",
+            "id=x,size=1Q",
+            "id=x,size=1G,color=red",
+        ];
         for bad in bad {
             let error = parse_region(bad).expect_err(bad);
             assert!(error.to_string().contains("expected id=NAME"), "{error}");

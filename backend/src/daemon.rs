@@ -72,7 +72,8 @@ impl FrontendStatus {
         FrontendInfo {
             id: self.id,
             pid: self.pid,
-            mapped_regions: u32::try_from(self.mapped.lock().unwrap_or_else(|p| p.into_inner()).len()).unwrap_or(u32::MAX),
+            mapped_regions: u32::try_from(self.mapped.lock().unwrap_or_else(|p| p.into_inner()).len())
+                .unwrap_or(u32::MAX),
             started_queues: self.started_queues.load(Ordering::Relaxed),
         }
     }

@@ -4,11 +4,11 @@
 //! QEMU maps the same memory) and serves a vhost-user-blk device whose data
 //! path reads and writes that RAM. See `docs/architecture.md`.
 
-pub mod memory;
-pub mod migration;
 pub mod blk;
 pub mod cli;
 pub mod control;
 pub mod daemon;
+pub mod memory;
+pub mod migration;
 pub mod sys;
 pub mod vhost;

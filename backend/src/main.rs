@@ -91,7 +91,12 @@ fn main() -> Result<()> {
         bail!("--region ids must be unique");
     }
     let regions = RegionSet::create(specs).context("creating guest RAM")?;
-    let device_options = DeviceOptions { disk: args.disk.clone(), readonly: args.readonly, queues: args.queues, serial: args.serial.clone() };
+    let device_options = DeviceOptions {
+        disk: args.disk.clone(),
+        readonly: args.readonly,
+        queues: args.queues,
+        serial: args.serial.clone(),
+    };
     let device = BlkDevice::new(&device_options).context("opening the disk")?;
     let options = DaemonOptions {
         vhost_socket: args.socket.clone(),
@@ -105,11 +110,14 @@ fn main() -> Result<()> {
     // Signals are taken by one thread with sigwait, so no handler runs in
     // the middle of another thread's work; block them before any thread starts.
     let signals = gmemd::sys::block_termination_signals().context("blocking SIGTERM/SIGINT")?;
-    let daemon = Arc::new(Daemon::new(regions, device, options).context("creating the quit event and the event thread")?);
-    let vhost_listener = gmemd::sys::bind_private_socket(&args.socket).with_context(|| format!("binding {}", args.socket.display()))?;
+    let daemon =
+        Arc::new(Daemon::new(regions, device, options).context("creating the quit event and the event thread")?);
+    let vhost_listener =
+        gmemd::sys::bind_private_socket(&args.socket).with_context(|| format!("binding {}", args.socket.display()))?;
     let control_thread = match &args.control {
         Some(path) => {
-            let listener = gmemd::sys::bind_private_socket(path).with_context(|| format!("binding {}", path.display()))?;
+            let listener =
+                gmemd::sys::bind_private_socket(path).with_context(|| format!("binding {}", path.display()))?;
             let daemon = Arc::clone(&daemon);
             Some(std::thread::Builder::new().name("control".into()).spawn(move || control::serve(daemon, listener))?)
         }

@@ -30,10 +30,7 @@ pub struct Workload {
 
 impl Workload {
     fn params(&self) -> [(&'static str, String); 2] {
-        [
-            ("mib", self.mib.to_string()),
-            ("randreads", self.randreads.to_string()),
-        ]
+        [("mib", self.mib.to_string()), ("randreads", self.randreads.to_string())]
     }
 
     /// The guest kernel command line: agent `bench` with its parameters.
@@ -158,9 +155,5 @@ pub fn run_gmemd(work: &Workload, image: &GuestImage) -> Result<Run> {
     let results = vm.wait_exit(work.timeout)?;
     let figures = Figures::from_results(&results, started.elapsed().as_secs_f64())?;
     let device = serde_json::to_value(gmemd.client()?.query_device()?)?;
-    Ok(Run {
-        figures,
-        commands: vec![daemon, qemu.to_string()],
-        device: Some(device),
-    })
+    Ok(Run { figures, commands: vec![daemon, qemu.to_string()], device: Some(device) })
 }

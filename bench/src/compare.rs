@@ -90,18 +90,10 @@ struct Report {
 /// Runs the comparison as `args` say, prints the summary and writes the
 /// JSON result.
 pub fn run(args: Args) -> Result<()> {
-    ensure!(
-        args.disk_mib >= args.mib,
-        "--disk-mib ({}) must be at least --mib ({})",
-        args.disk_mib,
-        args.mib
-    );
+    ensure!(args.disk_mib >= args.mib, "--disk-mib ({}) must be at least --mib ({})", args.disk_mib, args.mib);
     let command_line = shell_join(std::env::args());
     let timestamp = host::utc_timestamp(false);
-    let host = HostInfo::gather(
-        Path::new(QEMU),
-        (!args.backends.gmemd_only).then_some(args.backends.qsd.as_path()),
-    )?;
+    let host = HostInfo::gather(Path::new(QEMU), (!args.backends.gmemd_only).then_some(args.backends.qsd.as_path()))?;
     let work = Workload {
         mib: args.mib,
         randreads: args.randreads,
@@ -111,20 +103,12 @@ pub fn run(args: Args) -> Result<()> {
         timeout: Duration::from_secs(args.timeout),
     };
 
-    println!(
-        "gmem-bench {timestamp}: {} run(s) per backend, guest append: {}",
-        args.runs,
-        work.append()
-    );
+    println!("gmem-bench {timestamp}: {} run(s) per backend, guest append: {}", args.runs, work.append());
     let image = backends::prepare(&host, &args.backends)?;
 
     let mut runs = Vec::new();
     let mut commands: Vec<(&'static str, Vec<String>)> = Vec::new();
-    let backends: &[&'static str] = if args.backends.gmemd_only {
-        &["gmemd"]
-    } else {
-        &["gmemd", "qsd"]
-    };
+    let backends: &[&'static str] = if args.backends.gmemd_only { &["gmemd"] } else { &["gmemd", "qsd"] };
     for round in 1..=args.runs {
         for &backend in backends {
             host::sync_host()?;
@@ -146,21 +130,11 @@ pub fn run(args: Args) -> Result<()> {
             if !commands.iter().any(|(b, _)| *b == backend) {
                 commands.push((backend, run.commands));
             }
-            runs.push(RunRecord {
-                backend,
-                round,
-                figures: run.figures,
-                device: run.device,
-            });
+            runs.push(RunRecord { backend, round, figures: run.figures, device: run.device });
         }
     }
 
-    let of = |name: &str| -> Vec<Figures> {
-        runs.iter()
-            .filter(|r| r.backend == name)
-            .map(|r| r.figures)
-            .collect()
-    };
+    let of = |name: &str| -> Vec<Figures> { runs.iter().filter(|r| r.backend == name).map(|r| r.figures).collect() };
     let summary = figures::summarize(&of("gmemd"), &of("qsd"));
     println!("\n{}", figures::table(&summary));
     println!("{TCG_NOTE}");

@@ -32,10 +32,7 @@ fn numbers(results: &AgentResults, key: &str) -> Result<Vec<f64>> {
     results
         .all(key)
         .into_iter()
-        .map(|v| {
-            v.parse::<f64>()
-                .with_context(|| format!("{key}={v:?} is not a number"))
-        })
+        .map(|v| v.parse::<f64>().with_context(|| format!("{key}={v:?} is not a number")))
         .collect()
 }
 
@@ -43,10 +40,7 @@ impl Figures {
     /// Reads the agent's three result lines.
     pub fn from_results(results: &AgentResults, wall_seconds: f64) -> Result<Figures> {
         let ops = results.all("op");
-        ensure!(
-            ops == OPS,
-            "the bench agent reported operations {ops:?}, expected {OPS:?}"
-        );
+        ensure!(ops == OPS, "the bench agent reported operations {ops:?}, expected {OPS:?}");
         let seconds = numbers(results, "seconds")?;
         let mib_per_s = numbers(results, "mib_per_s")?;
         let iops = numbers(results, "iops")?;
@@ -77,21 +71,9 @@ pub struct Figure {
 
 /// The figures the summary table compares.
 pub const HEADLINE: [Figure; 3] = [
-    Figure {
-        name: "seq-write",
-        unit: "MiB/s",
-        get: |f| f.seq_write_mib_per_s,
-    },
-    Figure {
-        name: "seq-read",
-        unit: "MiB/s",
-        get: |f| f.seq_read_mib_per_s,
-    },
-    Figure {
-        name: "rand-read 4K QD1",
-        unit: "IOPS",
-        get: |f| f.rand_read_iops,
-    },
+    Figure { name: "seq-write", unit: "MiB/s", get: |f| f.seq_write_mib_per_s },
+    Figure { name: "seq-read", unit: "MiB/s", get: |f| f.seq_read_mib_per_s },
+    Figure { name: "rand-read 4K QD1", unit: "IOPS", get: |f| f.rand_read_iops },
 ];
 
 /// Median of `values` (mean of the middle two for an even count); `None`
@@ -122,12 +104,7 @@ impl Stats {
         let median = median(&values)?;
         let min = values.iter().copied().fold(f64::INFINITY, f64::min);
         let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        Some(Stats {
-            median,
-            min,
-            max,
-            values,
-        })
+        Some(Stats { median, min, max, values })
     }
 }
 
@@ -153,36 +130,22 @@ pub fn summarize(gmemd: &[Figures], qsd: &[Figures]) -> Vec<Row> {
                 (Some(g), Some(q)) if q.median > 0.0 => Some(g.median / q.median),
                 _ => None,
             };
-            Row {
-                figure: fig.name,
-                unit: fig.unit,
-                gmemd: g,
-                qsd: q,
-                ratio_gmemd_over_qsd: ratio,
-            }
+            Row { figure: fig.name, unit: fig.unit, gmemd: g, qsd: q, ratio_gmemd_over_qsd: ratio }
         })
         .collect()
 }
 
 /// The summary as a plain-text table.
 pub fn table(rows: &[Row]) -> String {
-    let cell = |s: &Option<Stats>| {
-        s.as_ref()
-            .map_or("-".to_string(), |s| format!("{:.1}", s.median))
-    };
-    let range = |s: &Option<Stats>| {
-        s.as_ref()
-            .map_or("-".to_string(), |s| format!("{:.1}-{:.1}", s.min, s.max))
-    };
+    let cell = |s: &Option<Stats>| s.as_ref().map_or("-".to_string(), |s| format!("{:.1}", s.median));
+    let range = |s: &Option<Stats>| s.as_ref().map_or("-".to_string(), |s| format!("{:.1}-{:.1}", s.min, s.max));
     let mut out = format!(
         "{:<24} {:>13} {:>13} {:>11}   {:>17} {:>17}\n",
         "figure", "gmemd median", "qsd median", "gmemd/qsd", "gmemd min-max", "qsd min-max"
     );
     for row in rows {
         let name = format!("{} ({})", row.figure, row.unit);
-        let ratio = row
-            .ratio_gmemd_over_qsd
-            .map_or("-".to_string(), |r| format!("{r:.2}"));
+        let ratio = row.ratio_gmemd_over_qsd.map_or("-".to_string(), |r| format!("{r:.2}"));
         out.push_str(&format!(
             "{name:<24} {:>13} {:>13} {ratio:>11}   {:>17} {:>17}\n",
             cell(&row.gmemd),
@@ -212,22 +175,9 @@ mod tests {
             GMEMD-RESULT op=seq-read mib=128 seconds=0.25 mib_per_s=512.00\n\
             GMEMD-RESULT op=rand-read count=8192 seconds=2.0 iops=4096\n";
         let f = Figures::from_results(&AgentResults::parse(serial), 9.0)?;
-        assert_eq!(
-            (
-                f.seq_write_mib_per_s,
-                f.seq_read_mib_per_s,
-                f.rand_read_iops
-            ),
-            (256.0, 512.0, 4096.0)
-        );
-        assert_eq!(
-            (f.seq_write_seconds, f.rand_read_seconds, f.boot_seconds),
-            (0.5, 2.0, Some(5.5))
-        );
-        assert!(
-            Figures::from_results(&AgentResults::parse("GMEMD-RESULT op=seq-write\n"), 1.0)
-                .is_err()
-        );
+        assert_eq!((f.seq_write_mib_per_s, f.seq_read_mib_per_s, f.rand_read_iops), (256.0, 512.0, 4096.0));
+        assert_eq!((f.seq_write_seconds, f.rand_read_seconds, f.boot_seconds), (0.5, 2.0, Some(5.5)));
+        assert!(Figures::from_results(&AgentResults::parse("GMEMD-RESULT op=seq-write\n"), 1.0).is_err());
         Ok(())
     }
 }

@@ -27,24 +27,16 @@ pub struct HostInfo {
 impl HostInfo {
     /// Gathers the facts; `qsd` is the storage daemon's binary, if used.
     pub fn gather(qemu: &Path, qsd: Option<&Path>) -> Result<HostInfo> {
-        let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
-            .ok()
-            .and_then(|info| {
-                info.lines()
-                    .find_map(|l| l.strip_prefix("model name"))
-                    .map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_string())
-            });
+        let cpu_model = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_string())
+        });
         Ok(HostInfo {
             nproc: std::thread::available_parallelism().map_or(1, usize::from),
             cpu_model,
-            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
-                .ok()
-                .map(|s| s.trim().to_string()),
-            qemu_version: tool_version(
-                qemu,
-                "QEMU (qemu-system-x86_64)",
-                "install qemu-system-x86",
-            )?,
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").ok().map(|s| s.trim().to_string()),
+            qemu_version: tool_version(qemu, "QEMU (qemu-system-x86_64)", "install qemu-system-x86")?,
             qsd_version: qsd
                 .map(|qsd| {
                     tool_version(
@@ -66,10 +58,7 @@ pub fn tool_version(binary: &Path, what: &str, hint: &str) -> Result<String> {
     let out = match Command::new(binary).arg("--version").output() {
         Ok(out) => out,
         Err(e) if e.kind() == ErrorKind::NotFound => {
-            bail!(
-                "{what} not found: no executable {} (on PATH or as given); {hint}",
-                binary.display()
-            )
+            bail!("{what} not found: no executable {} (on PATH or as given); {hint}", binary.display())
         }
         Err(e) => return Err(e).with_context(|| format!("running {} --version", binary.display())),
     };
@@ -99,18 +88,11 @@ pub fn sync_host() -> Result<()> {
 /// Seconds since the epoch as a UTC timestamp, `2026-11-21T09:30:00Z`;
 /// `file_safe` uses `-` instead of `:` (for file names).
 pub fn utc_timestamp(file_safe: bool) -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs()) as i64;
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     let (y, m, d) = civil_from_days(days);
     let sep = if file_safe { '-' } else { ':' };
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}{sep}{:02}{sep}{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    format!("{y:04}-{m:02}-{d:02}T{:02}{sep}{:02}{sep}{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian
@@ -142,9 +124,6 @@ mod tests {
     fn missing_tool_is_a_clear_error() {
         let err = tool_version(Path::new("/nonexistent/qsd"), "qemu-storage-daemon", "hint")
             .expect_err("a missing binary must fail");
-        assert!(
-            err.to_string().contains("qemu-storage-daemon not found"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("qemu-storage-daemon not found"), "{err}");
     }
 }

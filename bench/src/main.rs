@@ -15,8 +15,7 @@ use clap::{Parser, Subcommand};
 use backends::GmemdBuild;
 
 /// What every result says about the guest's CPU.
-const TCG_NOTE: &str =
-    "The guest runs under TCG (-accel tcg -cpu max, no KVM): emulating the guest's \
+const TCG_NOTE: &str = "The guest runs under TCG (-accel tcg -cpu max, no KVM): emulating the guest's \
 CPU costs far more than either backend, so these figures compare backends under the same guest; \
 they are not the backends' or the disk's physical limits.";
 

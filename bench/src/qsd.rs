@@ -24,13 +24,7 @@ pub struct Guard {
 impl Guard {
     /// Starts `binary args` with both outputs to `log`; inside network
     /// namespace `netns` (`ip netns exec`, which execs) when given.
-    pub fn spawn(
-        what: &'static str,
-        netns: Option<&str>,
-        binary: &Path,
-        args: &[String],
-        log: &Path,
-    ) -> Result<Guard> {
+    pub fn spawn(what: &'static str, netns: Option<&str>, binary: &Path, args: &[String], log: &Path) -> Result<Guard> {
         let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let mut command = match netns {
             Some(netns) => {
@@ -52,9 +46,7 @@ impl Guard {
 
     /// Its exit status, if it has exited.
     pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
-        self.child
-            .try_wait()
-            .with_context(|| format!("waiting for {}", self.what))
+        self.child.try_wait().with_context(|| format!("waiting for {}", self.what))
     }
 
     /// Waits up to `timeout` for it to exit.
@@ -89,10 +81,7 @@ pub fn qsd_args(disk: &Path, socket: &Path, shared_image: bool) -> Vec<String> {
     let locking = if shared_image { ",locking=off" } else { "" };
     vec![
         "--blockdev".into(),
-        format!(
-            "driver=file,node-name=file0,filename={},cache.direct=off{locking}",
-            qemu_opt_value(&disk)
-        ),
+        format!("driver=file,node-name=file0,filename={},cache.direct=off{locking}", qemu_opt_value(&disk)),
         "--blockdev".into(),
         "driver=raw,node-name=disk0,file=file0".into(),
         "--export".into(),
@@ -122,18 +111,8 @@ pub struct Machine<'a> {
 pub fn qsd_qemu_args(machine: &Machine<'_>, socket: &Path, serial: &Path) -> Vec<String> {
     let bytes = machine.memory_mib << 20;
     let socket = socket.to_string_lossy();
-    let mut args: Vec<String> = [
-        "-nodefaults",
-        "-no-reboot",
-        "-display",
-        "none",
-        "-accel",
-        "tcg",
-        "-cpu",
-        "max",
-    ]
-    .map(String::from)
-    .to_vec();
+    let mut args: Vec<String> =
+        ["-nodefaults", "-no-reboot", "-display", "none", "-accel", "tcg", "-cpu", "max"].map(String::from).to_vec();
     args.extend([
         "-smp".into(),
         machine.cpus.to_string(),
@@ -144,10 +123,7 @@ pub fn qsd_qemu_args(machine: &Machine<'_>, socket: &Path, serial: &Path) -> Vec
         "-object".into(),
         format!("memory-backend-memfd,id=ram0,share=on,size={bytes}"),
         "-chardev".into(),
-        format!(
-            "socket,id=qsd0,path={},reconnect-ms=1000",
-            qemu_opt_value(&socket)
-        ),
+        format!("socket,id=qsd0,path={},reconnect-ms=1000", qemu_opt_value(&socket)),
         "-device".into(),
         "vhost-user-blk-pci,chardev=qsd0,num-queues=1".into(),
         "-serial".into(),
@@ -170,9 +146,7 @@ pub struct ScratchDir(PathBuf);
 impl ScratchDir {
     /// Creates `<temp dir>/<prefix>-<pid>-<nanoseconds>`.
     pub fn new(prefix: &str) -> Result<ScratchDir> {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
         let path = std::env::temp_dir().join(format!("{prefix}-{}-{nanos:09}", std::process::id()));
         std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
         Ok(ScratchDir(path))
@@ -199,28 +173,15 @@ pub fn read(path: &Path) -> String {
 
 /// Starts qemu-storage-daemon `binary` with `args` (see [`qsd_args`]), its
 /// output in `log`, and waits until it has created its vhost-user `socket`.
-pub fn start_qsd(
-    binary: &Path,
-    netns: Option<&str>,
-    args: &[String],
-    socket: &Path,
-    log: &Path,
-) -> Result<Guard> {
+pub fn start_qsd(binary: &Path, netns: Option<&str>, args: &[String], socket: &Path, log: &Path) -> Result<Guard> {
     let mut daemon = Guard::spawn("qemu-storage-daemon", netns, binary, args, log)?;
     let deadline = Instant::now() + Duration::from_secs(20);
     while !std::fs::metadata(socket).is_ok_and(|m| m.file_type().is_socket()) {
         if let Some(status) = daemon.try_wait()? {
-            bail!(
-                "qemu-storage-daemon exited during start-up ({status}); its output:\n{}",
-                read(log)
-            );
+            bail!("qemu-storage-daemon exited during start-up ({status}); its output:\n{}", read(log));
         }
         if Instant::now() > deadline {
-            bail!(
-                "qemu-storage-daemon did not create {} within 20 s; its output:\n{}",
-                socket.display(),
-                read(log)
-            );
+            bail!("qemu-storage-daemon did not create {} within 20 s; its output:\n{}", socket.display(), read(log));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -232,23 +193,14 @@ pub fn start_qsd(
 pub fn run_qsd(work: &Workload, image: &GuestImage, qsd: &Path) -> Result<Run> {
     let started = Instant::now();
     let dir = ScratchDir::new("gmem-bench-qsd")?;
-    let (disk, socket, serial) = (
-        dir.join("disk.raw"),
-        dir.join("vhost.sock"),
-        dir.join("bench.serial"),
-    );
+    let (disk, socket, serial) = (dir.join("disk.raw"), dir.join("vhost.sock"), dir.join("bench.serial"));
     let (qsd_log, qemu_log) = (dir.join("qsd.log"), dir.join("qemu.log"));
     File::create(&disk)?.set_len(work.disk_mib << 20)?;
 
     let daemon_args = qsd_args(&disk, &socket, false);
     let _daemon = start_qsd(qsd, None, &daemon_args, &socket, &qsd_log)?;
     let append = work.append();
-    let machine = Machine {
-        memory_mib: work.memory_mib,
-        cpus: work.cpus,
-        image,
-        append: &append,
-    };
+    let machine = Machine { memory_mib: work.memory_mib, cpus: work.cpus, image, append: &append };
     let qemu_args = qsd_qemu_args(&machine, &socket, &serial);
     let mut qemu = Guard::spawn("QEMU", None, Path::new(QEMU), &qemu_args, &qemu_log)?;
     let status = qemu.wait_timeout(work.timeout)?;
@@ -261,30 +213,18 @@ pub fn run_qsd(work: &Workload, image: &GuestImage, qsd: &Path) -> Result<Run> {
         )
     };
     if status.is_none() {
-        bail!(
-            "the guest did not power off within {:?}; {}",
-            work.timeout,
-            context()
-        );
+        bail!("the guest did not power off within {:?}; {}", work.timeout, context());
     }
     let results = AgentResults::parse(&read(&serial));
     if results.exit_code() != Some(0) {
-        bail!(
-            "the guest agent failed (exit {:?}); {}",
-            results.exit_code(),
-            context()
-        );
+        bail!("the guest agent failed (exit {:?}); {}", results.exit_code(), context());
     }
     let figures = Figures::from_results(&results, started.elapsed().as_secs_f64())?;
     let commands = vec![
         shell_join(std::iter::once(qsd.display().to_string()).chain(daemon_args)),
         shell_join(std::iter::once(QEMU.to_string()).chain(qemu_args)),
     ];
-    Ok(Run {
-        figures,
-        commands,
-        device: None,
-    })
+    Ok(Run { figures, commands, device: None })
 }
 
 #[cfg(test)]
@@ -302,9 +242,6 @@ mod tests {
              addr.path=/t/v.sock,writable=on,num-queues=1"
         );
         let shared = qsd_args(Path::new("/t/d.raw"), Path::new("/t/v.sock"), true);
-        assert_eq!(
-            shared[1],
-            "driver=file,node-name=file0,filename=/t/d.raw,cache.direct=off,locking=off"
-        );
+        assert_eq!(shared[1], "driver=file,node-name=file0,filename=/t/d.raw,cache.direct=off,locking=off");
     }
 }

@@ -12,14 +12,10 @@ use crate::host;
 /// returns the path written.
 pub fn write_json(path: Option<PathBuf>, suffix: &str, report: &impl Serialize) -> Result<PathBuf> {
     let path = path.unwrap_or_else(|| {
-        gmem_tests::guest::repo_root().join(format!(
-            "bench/results/{}{suffix}.json",
-            host::utc_timestamp(true)
-        ))
+        gmem_tests::guest::repo_root().join(format!("bench/results/{}{suffix}.json", host::utc_timestamp(true)))
     });
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("creating {}", parent.display()))?;
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     }
     std::fs::write(&path, serde_json::to_string_pretty(report)? + "\n")
         .with_context(|| format!("writing {}", path.display()))?;

@@ -41,11 +41,7 @@ impl ControlClient {
     pub fn connect(path: impl AsRef<Path>) -> Result<Self, ClientError> {
         let stream = UnixStream::connect(path)?;
         stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-        Ok(ControlClient {
-            writer: stream.try_clone()?,
-            reader: BufReader::new(stream),
-            events: VecDeque::new(),
-        })
+        Ok(ControlClient { writer: stream.try_clone()?, reader: BufReader::new(stream), events: VecDeque::new() })
     }
 
     /// Sends a raw line (tests use this for malformed input) and returns the
@@ -64,8 +60,9 @@ impl ControlClient {
     /// Executes `command` and decodes its result.
     pub fn execute<T: DeserializeOwned>(&mut self, command: &Command) -> Result<T, ClientError> {
         match self.send_raw(command.to_line().as_bytes())? {
-            Reply::Return { value, .. } => serde_json::from_value(value)
-                .map_err(|e| ClientError::Malformed(format!("{}: {e}", command.name()))),
+            Reply::Return { value, .. } => {
+                serde_json::from_value(value).map_err(|e| ClientError::Malformed(format!("{}: {e}", command.name())))
+            }
             Reply::Error { error, .. } => Err(error.into()),
             Reply::Event(_) => Err(ClientError::Malformed("event in place of a reply".into())),
         }

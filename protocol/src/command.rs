@@ -23,13 +23,8 @@ pub enum Command {
 
 impl Command {
     /// Every command, for help texts and for tests that want to cover them all.
-    pub const ALL: [Command; 5] = [
-        Command::QueryStatus,
-        Command::QueryRegions,
-        Command::QueryDevice,
-        Command::QueryMigration,
-        Command::Quit,
-    ];
+    pub const ALL: [Command; 5] =
+        [Command::QueryStatus, Command::QueryRegions, Command::QueryDevice, Command::QueryMigration, Command::Quit];
 
     /// The wire name (`"execute"` value).
     pub fn name(&self) -> &'static str {
@@ -43,15 +38,9 @@ impl Command {
     }
 
     fn from_name(name: &str, arguments: Option<Map<String, Value>>) -> Result<Self, ErrorReply> {
-        let command = Command::ALL
-            .into_iter()
-            .find(|c| c.name() == name)
-            .ok_or_else(|| {
-                ErrorReply::new(
-                    ErrorClass::CommandNotFound,
-                    format!("the command {name} has not been found"),
-                )
-            })?;
+        let command = Command::ALL.into_iter().find(|c| c.name() == name).ok_or_else(|| {
+            ErrorReply::new(ErrorClass::CommandNotFound, format!("the command {name} has not been found"))
+        })?;
         // None of today's commands takes arguments; reject any so that a
         // typo'd option is never silently ignored.
         NoArguments::parse(name, arguments)?;
@@ -72,12 +61,8 @@ struct NoArguments {}
 impl NoArguments {
     fn parse(command: &str, arguments: Option<Map<String, Value>>) -> Result<Self, ErrorReply> {
         let arguments = arguments.unwrap_or_default();
-        serde_json::from_value(Value::Object(arguments)).map_err(|e| {
-            ErrorReply::new(
-                ErrorClass::InvalidArguments,
-                format!("{command}: invalid arguments: {e}"),
-            )
-        })
+        serde_json::from_value(Value::Object(arguments))
+            .map_err(|e| ErrorReply::new(ErrorClass::InvalidArguments, format!("{command}: invalid arguments: {e}")))
     }
 }
 
@@ -94,18 +79,11 @@ impl Request {
     /// Parses one line. On error the returned [`ErrorReply`] is what the
     /// daemon sends back; it carries the request's `id` when one was readable.
     pub fn parse(line: &str) -> Result<Request, (ErrorReply, Option<Value>)> {
-        let value: Value = serde_json::from_str(line).map_err(|e| {
-            (
-                ErrorReply::new(ErrorClass::GenericError, format!("JSON parse error: {e}")),
-                None,
-            )
-        })?;
+        let value: Value = serde_json::from_str(line)
+            .map_err(|e| (ErrorReply::new(ErrorClass::GenericError, format!("JSON parse error: {e}")), None))?;
         let Value::Object(mut object) = value else {
             return Err((
-                ErrorReply::new(
-                    ErrorClass::GenericError,
-                    "a request must be a JSON object".to_string(),
-                ),
+                ErrorReply::new(ErrorClass::GenericError, "a request must be a JSON object".to_string()),
                 None,
             ));
         };

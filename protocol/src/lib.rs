@@ -22,12 +22,11 @@ mod size;
 
 pub use client::{ClientError, ControlClient};
 pub use command::{Command, Request};
-pub use size::{parse_size, SizeError};
 pub use reply::{
-    DeviceInfo, DeviceIoWindow, DirtyLogInfo, ErrorClass, ErrorReply, Event, EventKind,
-    FrontendInfo, LatencySummary, MigrationInfo, MigrationState, PostcopyInfo, QueueInfo,
-    RegionInfo, Reply, StatusInfo, Timestamp,
+    DeviceInfo, DeviceIoWindow, DirtyLogInfo, ErrorClass, ErrorReply, Event, EventKind, FrontendInfo, LatencySummary,
+    MigrationInfo, MigrationState, PostcopyInfo, QueueInfo, RegionInfo, Reply, StatusInfo, Timestamp,
 };
+pub use size::{parse_size, SizeError};
 
 /// Longest line either end accepts, newline excluded. A peer that sends a
 /// longer one gets an error reply and the rest of that line is skipped.

@@ -78,13 +78,8 @@ pub struct Timestamp {
 impl Timestamp {
     /// The current time.
     pub fn now() -> Self {
-        let since_epoch = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        Timestamp {
-            seconds: since_epoch.as_secs(),
-            microseconds: since_epoch.subsec_micros(),
-        }
+        let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        Timestamp { seconds: since_epoch.as_secs(), microseconds: since_epoch.subsec_micros() }
     }
 }
 
@@ -292,10 +287,7 @@ mod tests {
         let replies = [
             Reply::Return { value: serde_json::json!({"a": 1}), id: None },
             Reply::Return { value: serde_json::json!({}), id: Some(Value::from(3)) },
-            Reply::Error {
-                error: ErrorReply::new(ErrorClass::CommandNotFound, "x".into()),
-                id: None,
-            },
+            Reply::Error { error: ErrorReply::new(ErrorClass::CommandNotFound, "x".into()), id: None },
             Reply::Event(Event {
                 event: EventKind::FrontendConnected,
                 data: serde_json::json!({"id": 1}),

@@ -86,14 +86,10 @@ impl QemuCommand {
         let device = client.query_device()?;
         let prefix = format!("/proc/{}/", status.pid);
         for region in regions.iter().filter(|r| !r.fd_path.starts_with(&prefix)) {
-            log::warn!(
-                "region {} maps {}, not under {prefix}",
-                region.id,
-                region.fd_path
-            );
+            log::warn!("region {} maps {}, not under {prefix}", region.id, region.fd_path);
         }
-        let queues = u16::try_from(device.queues.len())
-            .map_err(|_| CmdlineError::TooManyQueues(device.queues.len()))?;
+        let queues =
+            u16::try_from(device.queues.len()).map_err(|_| CmdlineError::TooManyQueues(device.queues.len()))?;
         Self::new(&regions, status.vhost_user_socket, queues)
     }
 
@@ -193,9 +189,7 @@ impl QemuCommand {
     /// The arguments, without the binary. Paths are converted lossily:
     /// non-UTF-8 bytes in a path would become U+FFFD.
     pub fn to_args(&self) -> Vec<String> {
-        let mut args: Vec<String> = ["-nodefaults", "-no-reboot", "-display", "none"]
-            .map(String::from)
-            .to_vec();
+        let mut args: Vec<String> = ["-nodefaults", "-no-reboot", "-display", "none"].map(String::from).to_vec();
         let mut push = |option: &str, value: String| args.extend([option.to_string(), value]);
         let (accel, cpu) = match self.accel {
             Accel::Tcg => ("tcg", "max"),
@@ -205,45 +199,25 @@ impl QemuCommand {
         push("-cpu", cpu.into());
         push("-smp", self.cpus.to_string());
         let main = &self.regions[0];
-        let aux = if self.aux_ram_share {
-            ",aux-ram-share=on"
-        } else {
-            ""
-        };
+        let aux = if self.aux_ram_share { ",aux-ram-share=on" } else { "" };
         push("-machine", format!("pc,memory-backend={}{aux}", main.id));
         push("-m", memory_option(&self.regions));
         for region in &self.regions {
             push("-object", memory_backend(region));
         }
         for dimm in &self.regions[1..] {
-            push(
-                "-device",
-                format!("pc-dimm,id=dimm-{0},memdev={0}", dimm.id),
-            );
+            push("-device", format!("pc-dimm,id=dimm-{0},memdev={0}", dimm.id));
         }
         let socket = self.vhost_user_socket.to_string_lossy();
         push(
             "-chardev",
-            format!(
-                "socket,id={CHARDEV_ID},path={},reconnect-ms={}",
-                qemu_opt_value(&socket),
-                self.reconnect_ms
-            ),
+            format!("socket,id={CHARDEV_ID},path={},reconnect-ms={}", qemu_opt_value(&socket), self.reconnect_ms),
         );
-        push(
-            "-device",
-            format!(
-                "vhost-user-blk-pci,chardev={CHARDEV_ID},num-queues={}",
-                self.queues
-            ),
-        );
+        push("-device", format!("vhost-user-blk-pci,chardev={CHARDEV_ID},num-queues={}", self.queues));
         push("-serial", self.serial.to_string());
         if let Some(qmp) = &self.qmp_socket {
             let path = qmp.to_string_lossy();
-            push(
-                "-qmp",
-                format!("unix:{},server=on,wait=off", qemu_opt_value(&path)),
-            );
+            push("-qmp", format!("unix:{},server=on,wait=off", qemu_opt_value(&path)));
         }
         if let Some(kernel) = &self.kernel {
             push("-kernel", kernel.to_string_lossy().into_owned());

@@ -22,8 +22,8 @@ pub mod quote;
 
 pub use cmdline::{Accel, CmdlineError, QemuCommand, SerialSink};
 pub use migration::{
-    prepare_destination, Endpoint, Migration, MigrationError, MigrationOptions, MigrationReport,
-    MigrationStatus, Progress, SwitchToPostcopy,
+    prepare_destination, Endpoint, Migration, MigrationError, MigrationOptions, MigrationReport, MigrationStatus,
+    Progress, SwitchToPostcopy,
 };
 pub use process::{Output, ProcessError, QemuProcess, SpawnOptions};
 pub use qmp::{QmpClient, QmpError};

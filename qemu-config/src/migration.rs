@@ -130,10 +130,7 @@ impl<'a> Endpoint<'a> {
 /// Readies the destination, which must run with `-incoming defer` and not
 /// be listening yet: sets its capabilities and starts listening on
 /// [`MigrationOptions::listen_uri`].
-pub fn prepare_destination(
-    dst: &mut QmpClient,
-    options: &MigrationOptions,
-) -> Result<(), MigrationError> {
+pub fn prepare_destination(dst: &mut QmpClient, options: &MigrationOptions) -> Result<(), MigrationError> {
     let side = Side::Destination;
     let run_state = dst.query_status().map_err(MigrationError::qmp(side))?;
     if run_state != "inmigrate" {
@@ -143,25 +140,15 @@ pub fn prepare_destination(
         return Err(MigrationError::AlreadyIncoming { status });
     }
     let postcopy = options.postcopy.is_some();
-    set_capabilities(
-        dst,
-        side,
-        &[("postcopy-ram", postcopy), ("postcopy-blocktime", postcopy)],
-    )?;
-    dst.execute("migrate-incoming", json!({ "uri": options.listen_uri }))
-        .map_err(MigrationError::qmp(side))?;
+    set_capabilities(dst, side, &[("postcopy-ram", postcopy), ("postcopy-blocktime", postcopy)])?;
+    dst.execute("migrate-incoming", json!({ "uri": options.listen_uri })).map_err(MigrationError::qmp(side))?;
     Ok(())
 }
 
 /// `query-migrate` on `side`'s QEMU, parsed.
 pub fn query_migrate(qmp: &mut QmpClient, side: Side) -> Result<QemuMigrationInfo, MigrationError> {
-    let reply = qmp
-        .execute("query-migrate", Value::Null)
-        .map_err(MigrationError::qmp(side))?;
-    serde_json::from_value(reply).map_err(|e| MigrationError::Malformed {
-        side,
-        why: e.to_string(),
-    })
+    let reply = qmp.execute("query-migrate", Value::Null).map_err(MigrationError::qmp(side))?;
+    serde_json::from_value(reply).map_err(|e| MigrationError::Malformed { side, why: e.to_string() })
 }
 
 /// Waits up to `timeout` for `side`'s QEMU to reach one of `wanted` and
@@ -178,11 +165,7 @@ pub fn wait_for_status(
     let wrong = |status| MigrationError::WrongStatus {
         side,
         status,
-        expected: wanted
-            .iter()
-            .map(|s| s.as_str())
-            .collect::<Vec<_>>()
-            .join(" or "),
+        expected: wanted.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(" or "),
     };
     let reached = poll_until(timeout, || {
         let info = query_migrate(qmp, side)?;
@@ -199,17 +182,9 @@ pub fn wait_for_status(
 }
 
 /// Sets each named capability on or off.
-fn set_capabilities(
-    qmp: &mut QmpClient,
-    side: Side,
-    capabilities: &[(&str, bool)],
-) -> Result<(), MigrationError> {
-    let list: Vec<Value> = capabilities
-        .iter()
-        .map(|(name, on)| json!({ "capability": name, "state": on }))
-        .collect();
-    qmp.execute("migrate-set-capabilities", json!({ "capabilities": list }))
-        .map_err(MigrationError::qmp(side))?;
+fn set_capabilities(qmp: &mut QmpClient, side: Side, capabilities: &[(&str, bool)]) -> Result<(), MigrationError> {
+    let list: Vec<Value> = capabilities.iter().map(|(name, on)| json!({ "capability": name, "state": on })).collect();
+    qmp.execute("migrate-set-capabilities", json!({ "capabilities": list })).map_err(MigrationError::qmp(side))?;
     Ok(())
 }
 

@@ -69,12 +69,9 @@ impl Output {
             Output::Inherit => Stdio::inherit(),
             Output::Null => Stdio::null(),
             Output::Piped => Stdio::piped(),
-            Output::File(path) => File::create(path)
-                .map_err(|source| ProcessError::OutputFile {
-                    path: path.clone(),
-                    source,
-                })?
-                .into(),
+            Output::File(path) => {
+                File::create(path).map_err(|source| ProcessError::OutputFile { path: path.clone(), source })?.into()
+            }
         })
     }
 }
@@ -133,15 +130,8 @@ impl QemuProcess {
             .stdout(options.stdout.to_stdio()?)
             .stderr(options.stderr.to_stdio()?)
             .spawn()
-            .map_err(|source| ProcessError::Spawn {
-                binary: PathBuf::from(command.get_program()),
-                source,
-            })?;
-        Ok(QemuProcess {
-            child,
-            qmp_path: cmd.qmp_path().map(Path::to_owned),
-            exit: None,
-        })
+            .map_err(|source| ProcessError::Spawn { binary: PathBuf::from(command.get_program()), source })?;
+        Ok(QemuProcess { child, qmp_path: cmd.qmp_path().map(Path::to_owned), exit: None })
     }
 
     /// QEMU's process id.
@@ -210,9 +200,7 @@ impl QemuProcess {
     pub fn qmp(&mut self) -> Result<QmpClient, ProcessError> {
         let path = self.qmp_path.clone().ok_or(ProcessError::NoQmpSocket)?;
         let child = &mut self.child;
-        let connected = QmpClient::connect_while(&path, QMP_CONNECT_TIMEOUT, || {
-            matches!(child.try_wait(), Ok(None))
-        });
+        let connected = QmpClient::connect_while(&path, QMP_CONNECT_TIMEOUT, || matches!(child.try_wait(), Ok(None)));
         match connected {
             Ok(client) => Ok(client),
             Err(e) => match self.try_wait()? {
@@ -244,9 +232,7 @@ fn stop_with_parent(command: &mut Command) {
         // The parent may have died before the prctl took effect.
         // SAFETY: getppid has no preconditions.
         if unsafe { libc::getppid() } != parent {
-            return Err(io::Error::other(
-                "the parent exited while QEMU was starting",
-            ));
+            return Err(io::Error::other("the parent exited while QEMU was starting"));
         }
         Ok(())
     };

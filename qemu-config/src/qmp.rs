@@ -102,10 +102,7 @@ impl QmpClient {
                     sleep(RETRY_INTERVAL);
                 }
                 Err(source) => {
-                    return Err(QmpError::Connect {
-                        path: path.to_owned(),
-                        source,
-                    });
+                    return Err(QmpError::Connect { path: path.to_owned(), source });
                 }
             }
         }
@@ -125,13 +122,9 @@ impl QmpClient {
             oob: false,
         };
         let deadline = Instant::now() + client.timeout;
-        let greeting = client
-            .read_message(deadline)?
-            .ok_or_else(|| QmpError::Timeout("the QMP greeting".into()))?;
+        let greeting = client.read_message(deadline)?.ok_or_else(|| QmpError::Timeout("the QMP greeting".into()))?;
         if greeting.get("QMP").is_none() {
-            return Err(QmpError::Malformed(format!(
-                "expected a greeting, got {greeting}"
-            )));
+            return Err(QmpError::Malformed(format!("expected a greeting, got {greeting}")));
         }
         let offered = &greeting["QMP"]["capabilities"];
         let oob = offered.as_array().is_some_and(|c| c.contains(&json!("oob")));
@@ -202,28 +195,16 @@ impl QmpClient {
                 continue;
             }
             if reply_to != Some(id) {
-                return Err(QmpError::Malformed(format!(
-                    "{message} is not the reply to {command}"
-                )));
+                return Err(QmpError::Malformed(format!("{message} is not the reply to {command}")));
             }
             if let Some(value) = message.get_mut("return") {
                 return Ok(value.take());
             }
-            let error = message.get("error").ok_or_else(|| {
-                QmpError::Malformed(format!("reply with neither return nor error: {message}"))
-            })?;
-            let field = |name: &str| {
-                error
-                    .get(name)
-                    .and_then(Value::as_str)
-                    .unwrap_or("")
-                    .to_owned()
-            };
-            return Err(QmpError::Command {
-                command: command.to_owned(),
-                class: field("class"),
-                desc: field("desc"),
-            });
+            let error = message
+                .get("error")
+                .ok_or_else(|| QmpError::Malformed(format!("reply with neither return nor error: {message}")))?;
+            let field = |name: &str| error.get(name).and_then(Value::as_str).unwrap_or("").to_owned();
+            return Err(QmpError::Command { command: command.to_owned(), class: field("class"), desc: field("desc") });
         }
     }
 
@@ -299,9 +280,7 @@ impl QmpClient {
             if !self.reader.buffer().contains(&b'\n') {
                 // A zero timeout is invalid, so poll with the shortest one.
                 let left = deadline.saturating_duration_since(Instant::now());
-                self.reader
-                    .get_ref()
-                    .set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
+                self.reader.get_ref().set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
             }
             match self.reader.read_until(b'\n', &mut self.partial) {
                 Ok(0) => return Err(QmpError::Closed),

@@ -28,10 +28,7 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<str>,
 {
-    let quoted: Vec<String> = words
-        .into_iter()
-        .map(|word| shell_quote(word.as_ref()).into_owned())
-        .collect();
+    let quoted: Vec<String> = words.into_iter().map(|word| shell_quote(word.as_ref()).into_owned()).collect();
     quoted.join(" ")
 }
 

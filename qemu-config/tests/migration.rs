@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use gmem_qemu::migration::{query_migrate, wait_for_status, Side};
 use gmem_qemu::{
-    prepare_destination, Endpoint, Migration, MigrationError, MigrationOptions, MigrationReport,
-    MigrationStatus, Progress, QmpClient, SwitchToPostcopy,
+    prepare_destination, Endpoint, Migration, MigrationError, MigrationOptions, MigrationReport, MigrationStatus,
+    Progress, QmpClient, SwitchToPostcopy,
 };
 use serde_json::json;
 
@@ -31,11 +31,8 @@ const PATTERN_AT: u64 = 16 * MIB;
 const PATTERN_LEN: u64 = 32 * MIB;
 
 fn have_qemu() -> bool {
-    let found = Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
+    let found =
+        Command::new("qemu-system-x86_64").arg("--version").stdout(Stdio::null()).status().is_ok_and(|s| s.success());
     if !found {
         eprintln!("note: qemu-system-x86_64 not found, test skipped");
     }
@@ -82,12 +79,7 @@ impl Qemu {
             .stderr(File::create(&log).expect("log file"))
             .spawn()
             .expect("spawn QEMU");
-        let mut qemu = Qemu {
-            child,
-            qmp_path,
-            qmp: None,
-            log,
-        };
+        let mut qemu = Qemu { child, qmp_path, qmp: None, log };
         qemu.qmp();
         qemu
     }
@@ -96,9 +88,8 @@ impl Qemu {
     fn qmp(&mut self) -> &mut QmpClient {
         let (path, log) = (&self.qmp_path, &self.log);
         self.qmp.get_or_insert_with(|| {
-            QmpClient::connect(path, Duration::from_secs(10)).unwrap_or_else(|e| {
-                panic!("{e}\n{}", std::fs::read_to_string(log).unwrap_or_default())
-            })
+            QmpClient::connect(path, Duration::from_secs(10))
+                .unwrap_or_else(|e| panic!("{e}\n{}", std::fs::read_to_string(log).unwrap_or_default()))
         })
     }
 
@@ -134,24 +125,10 @@ impl Pair {
         let ram = tempfile::tempfile_in("/dev/shm").expect("tmpfs file");
         ram.set_len(RAM).expect("ftruncate");
         ram.write_all_at(pattern(), PATTERN_AT).expect("fill");
-        let backend = format!(
-            "memory-backend-file,mem-path=/proc/{}/fd/{}",
-            std::process::id(),
-            ram.as_raw_fd()
-        );
+        let backend = format!("memory-backend-file,mem-path=/proc/{}/fd/{}", std::process::id(), ram.as_raw_fd());
         let src = Qemu::start(dir.path(), "src", &backend, &[]);
-        let dst = Qemu::start(
-            dir.path(),
-            "dst",
-            "memory-backend-memfd",
-            &["-incoming", "defer"],
-        );
-        Pair {
-            dir,
-            _source_ram: ram,
-            src,
-            dst,
-        }
+        let dst = Qemu::start(dir.path(), "dst", "memory-backend-memfd", &["-incoming", "defer"]);
+        Pair { dir, _source_ram: ram, src, dst }
     }
 
     fn uri(&self, name: &str) -> String {
@@ -169,11 +146,7 @@ impl Pair {
         migration: &mut Migration,
         on_progress: impl FnMut(&Progress),
     ) -> Result<MigrationReport, MigrationError> {
-        migration.wait(
-            Endpoint::new(self.src.qmp()),
-            Endpoint::new(self.dst.qmp()),
-            on_progress,
-        )
+        migration.wait(Endpoint::new(self.src.qmp()), Endpoint::new(self.dst.qmp()), on_progress)
     }
 
     /// Waits for a migration that must complete; returns the report and
@@ -196,17 +169,11 @@ impl Pair {
         let dump = self.dir.path().join("dump");
         self.dst
             .qmp()
-            .execute(
-                "pmemsave",
-                json!({ "val": PATTERN_AT, "size": PATTERN_LEN, "filename": dump }),
-            )
+            .execute("pmemsave", json!({ "val": PATTERN_AT, "size": PATTERN_LEN, "filename": dump }))
             .expect("pmemsave");
         let copied = std::fs::read(&dump).expect("dump");
         assert!(copied == pattern(), "the destination's RAM differs");
-        assert_eq!(
-            self.src.qmp().query_status().expect("status"),
-            "postmigrate"
-        );
+        assert_eq!(self.src.qmp().query_status().expect("status"), "postmigrate");
         assert_eq!(self.dst.qmp().query_status().expect("status"), "running");
     }
 }
@@ -259,10 +226,7 @@ fn postcopy_finishes_what_a_throttled_precopy_started() {
     assert!(report.ram.precopy_bytes < PATTERN_LEN, "{report:?}");
     // The destination measured its vCPUs' waits (the capability is on).
     assert!(report.postcopy_blocktime_ms.is_some(), "{report:?}");
-    assert_eq!(
-        report.postcopy_vcpu_blocktime_ms.as_ref().map(Vec::len),
-        Some(1)
-    );
+    assert_eq!(report.postcopy_vcpu_blocktime_ms.as_ref().map(Vec::len), Some(1));
     pair.assert_guest_moved();
     eprintln!("postcopy: {report:?}, test took {:?}", started.elapsed());
 }
@@ -284,49 +248,30 @@ fn a_paused_postcopy_recovers_on_a_new_socket() {
 
     // Only postcopy can pause.
     match migration.pause(pair.src.qmp(), pair.dst.qmp()) {
-        Err(MigrationError::WrongStatus {
-            side: Side::Source,
-            status,
-            ..
-        }) => assert!(!status.is_postcopy(), "{status}"),
+        Err(MigrationError::WrongStatus { side: Side::Source, status, .. }) => {
+            assert!(!status.is_postcopy(), "{status}")
+        }
         other => panic!("pause in precopy: {other:?}"),
     }
-    wait_for_status(
-        pair.src.qmp(),
-        Side::Source,
-        &[MigrationStatus::Active],
-        Duration::from_secs(10),
-    )
-    .expect("precopy");
-    migration
-        .switch_to_postcopy(pair.src.qmp())
-        .expect("switch");
-    wait_for_status(
-        pair.src.qmp(),
-        Side::Source,
-        &[MigrationStatus::PostcopyActive],
-        Duration::from_secs(10),
-    )
-    .expect("postcopy");
+    wait_for_status(pair.src.qmp(), Side::Source, &[MigrationStatus::Active], Duration::from_secs(10))
+        .expect("precopy");
+    migration.switch_to_postcopy(pair.src.qmp()).expect("switch");
+    wait_for_status(pair.src.qmp(), Side::Source, &[MigrationStatus::PostcopyActive], Duration::from_secs(10))
+        .expect("postcopy");
 
-    migration
-        .pause(pair.src.qmp(), pair.dst.qmp())
-        .expect("pause");
+    migration.pause(pair.src.qmp(), pair.dst.qmp()).expect("pause");
     // What wait() says about a paused migration.
     match pair.wait_result(&mut migration, |_| {}) {
-        Err(MigrationError::PostcopyPaused { error_desc }) => assert_eq!(
-            error_desc.as_deref(),
-            Some("Postcopy migration is paused by the user")
-        ),
+        Err(MigrationError::PostcopyPaused { error_desc }) => {
+            assert_eq!(error_desc.as_deref(), Some("Postcopy migration is paused by the user"))
+        }
         other => panic!("wait on a paused migration: {other:?}"),
     }
     let recovery_uri = pair.uri("recovery.sock");
     migration
         .recover(pair.dst.qmp(), &recovery_uri)
         .unwrap_or_else(|e| panic!("migrate-recover: {e}\n{}", pair.dst.log()));
-    migration
-        .resume(pair.src.qmp(), &recovery_uri)
-        .expect("migrate resume");
+    migration.resume(pair.src.qmp(), &recovery_uri).expect("migrate resume");
     let (report, seen) = pair.wait(&mut migration);
 
     assert_eq!(seen.last(), Some(&MigrationStatus::Completed), "{seen:?}");
@@ -338,10 +283,7 @@ fn a_paused_postcopy_recovers_on_a_new_socket() {
     let destination = query_migrate(pair.dst.qmp(), Side::Destination).expect("query");
     assert_eq!(destination.status(), MigrationStatus::Completed);
     pair.assert_guest_moved();
-    eprintln!(
-        "recovered postcopy: {report:?}, test took {:?}",
-        started.elapsed()
-    );
+    eprintln!("recovered postcopy: {report:?}, test took {:?}", started.elapsed());
 }
 
 #[test]
@@ -362,12 +304,7 @@ fn misconfigured_destinations_and_sources_are_explained() {
     }
 
     let listening_on = format!("unix:{}", dir.path().join("early.sock").display());
-    let mut early = Qemu::start(
-        dir.path(),
-        "early",
-        "memory-backend-memfd",
-        &["-incoming", &listening_on],
-    );
+    let mut early = Qemu::start(dir.path(), "early", "memory-backend-memfd", &["-incoming", &listening_on]);
     match prepare_destination(early.qmp(), &options) {
         Err(MigrationError::AlreadyIncoming { status }) => {
             assert_eq!(status, MigrationStatus::Setup)
@@ -377,16 +314,11 @@ fn misconfigured_destinations_and_sources_are_explained() {
 
     // Nobody listens on options' URI: QEMU's reason comes back.
     let mut migration = Migration::start(plain.qmp(), &options).expect("start");
-    let result = migration.wait(
-        Endpoint::new(plain.qmp()),
-        Endpoint::new(early.qmp()),
-        |_| {},
-    );
+    let result = migration.wait(Endpoint::new(plain.qmp()), Endpoint::new(early.qmp()), |_| {});
     match result {
-        Err(MigrationError::Failed {
-            source_error: Some(reason),
-            ..
-        }) => assert!(reason.contains("m.sock"), "{reason}"),
+        Err(MigrationError::Failed { source_error: Some(reason), .. }) => {
+            assert!(reason.contains("m.sock"), "{reason}")
+        }
         other => panic!("migrating to nowhere: {other:?}"),
     }
     eprintln!("test took {:?}", started.elapsed());
@@ -421,15 +353,9 @@ fn gmemctl_migrate_prints_a_json_report_and_explains_a_wrong_destination() {
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON report");
     assert_eq!(report["postcopy"], true, "{report}");
     assert_eq!(report["destination_run_state"], "running", "{report}");
-    assert!(
-        report["ram"]["postcopy_bytes"].as_u64() > Some(0),
-        "{report}"
-    );
+    assert!(report["ram"]["postcopy_bytes"].as_u64() > Some(0), "{report}");
     // stderr is no terminal here: progress comes as lines.
-    assert!(
-        stderr.lines().any(|l| l.starts_with("postcopy-active")),
-        "{stderr}"
-    );
+    assert!(stderr.lines().any(|l| l.starts_with("postcopy-active")), "{stderr}");
     pair.assert_guest_moved();
 
     // The destination has its guest now; it cannot take another one.
@@ -455,19 +381,10 @@ fn gmemctl_migrate_resume_recovers_a_paused_postcopy() {
     options.postcopy = Some(SwitchToPostcopy::After(Duration::ZERO));
     prepare_destination(pair.dst.qmp(), &options).expect("prepare destination");
     let mut migration = Migration::start(pair.src.qmp(), &options).expect("start");
-    migration
-        .switch_to_postcopy(pair.src.qmp())
-        .expect("switch");
-    wait_for_status(
-        pair.src.qmp(),
-        Side::Source,
-        &[MigrationStatus::PostcopyActive],
-        Duration::from_secs(10),
-    )
-    .expect("postcopy");
-    migration
-        .pause(pair.src.qmp(), pair.dst.qmp())
-        .expect("pause");
+    migration.switch_to_postcopy(pair.src.qmp()).expect("switch");
+    wait_for_status(pair.src.qmp(), Side::Source, &[MigrationStatus::PostcopyActive], Duration::from_secs(10))
+        .expect("postcopy");
+    migration.pause(pair.src.qmp(), pair.dst.qmp()).expect("pause");
     pair.src.disconnect();
     pair.dst.disconnect();
 

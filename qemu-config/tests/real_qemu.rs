@@ -20,11 +20,7 @@ use serde_json::{json, Value};
 const MIB: u64 = 1 << 20;
 
 fn have(binary: &str) -> bool {
-    let found = Command::new(binary)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
+    let found = Command::new(binary).arg("--version").stdout(Stdio::null()).status().is_ok_and(|s| s.success());
     if !found {
         eprintln!("note: {binary} not found, test skipped");
     }
@@ -56,12 +52,7 @@ impl StorageDaemon {
             socket.display()
         );
         let child = Command::new("qemu-storage-daemon")
-            .args([
-                "--blockdev",
-                "driver=null-co,node-name=disk0,size=67108864",
-                "--export",
-                &export,
-            ])
+            .args(["--blockdev", "driver=null-co,node-name=disk0,size=67108864", "--export", &export])
             .stdin(Stdio::null())
             .spawn()
             .expect("qemu-storage-daemon");
@@ -83,11 +74,8 @@ impl Drop for StorageDaemon {
 
 /// QEMU with its output in `dir/qemu.log`, so a failure can show it.
 fn spawn(cmd: &QemuCommand, dir: &Path) -> QemuProcess {
-    let options = SpawnOptions {
-        stdout: Output::Null,
-        stderr: Output::File(dir.join("qemu.log")),
-        ..SpawnOptions::default()
-    };
+    let options =
+        SpawnOptions { stdout: Output::Null, stderr: Output::File(dir.join("qemu.log")), ..SpawnOptions::default() };
     QemuProcess::spawn_with(cmd, &options).expect("spawn QEMU")
 }
 
@@ -107,9 +95,7 @@ fn paused_command(regions: &[RegionInfo], vhost: PathBuf, dir: &Path) -> QemuCom
 /// Reads 8 bytes of guest-physical memory through the human monitor.
 fn guest_u64(qmp: &mut gmem_qemu::QmpClient, address: u64) -> String {
     let line = format!("xp /1xg {address:#x}");
-    let out = qmp
-        .execute("human-monitor-command", json!({ "command-line": line }))
-        .expect("xp");
+    let out = qmp.execute("human-monitor-command", json!({ "command-line": line })).expect("xp");
     out.as_str().unwrap_or_default().trim().to_owned()
 }
 
@@ -125,74 +111,40 @@ fn guest_ram_is_the_owners_memory_and_dimms_plug() {
     let _backend = StorageDaemon::start(&vhost, 2);
     let cmd = paused_command(&[main, dimm], vhost, dir.path());
     let mut qemu = spawn(&cmd, dir.path());
-    let mut qmp = qemu
-        .qmp()
-        .unwrap_or_else(|e| panic!("{e}\n{}", log_of(dir.path())));
+    let mut qmp = qemu.qmp().unwrap_or_else(|e| panic!("{e}\n{}", log_of(dir.path())));
     assert_eq!(qmp.query_status().expect("status"), "prelaunch");
 
-    let memdevs = qmp
-        .execute("query-memdev", Value::Null)
-        .expect("query-memdev");
+    let memdevs = qmp.execute("query-memdev", Value::Null).expect("query-memdev");
     let mut seen: Vec<(String, u64, bool)> = memdevs
         .as_array()
         .expect("array")
         .iter()
-        .map(|m| {
-            (
-                m["id"].as_str().unwrap_or("").into(),
-                m["size"].as_u64().unwrap_or(0),
-                m["share"] == true,
-            )
-        })
+        .map(|m| (m["id"].as_str().unwrap_or("").into(), m["size"].as_u64().unwrap_or(0), m["share"] == true))
         .collect();
     seen.sort();
-    assert_eq!(
-        seen,
-        [
-            ("ram0".into(), 64 * MIB, true),
-            ("ram1".into(), 32 * MIB, true)
-        ]
-    );
+    assert_eq!(seen, [("ram0".into(), 64 * MIB, true), ("ram1".into(), 32 * MIB, true)]);
 
-    let devices = qmp
-        .execute("query-memory-devices", Value::Null)
-        .expect("devices");
+    let devices = qmp.execute("query-memory-devices", Value::Null).expect("devices");
     let dimm_info = &devices[0]["data"];
     assert_eq!(devices.as_array().map(Vec::len), Some(1), "{devices}");
-    assert_eq!(
-        (dimm_info["id"].as_str(), dimm_info["memdev"].as_str()),
-        (Some("dimm-ram1"), Some("/objects/ram1"))
-    );
+    assert_eq!((dimm_info["id"].as_str(), dimm_info["memdev"].as_str()), (Some("dimm-ram1"), Some("/objects/ram1")));
     let dimm_address = dimm_info["addr"].as_u64().expect("dimm address");
 
     // What the owner writes, the guest sees: both regions are mapped shared.
-    main_file
-        .write_at(&0x1122_3344_5566_7788_u64.to_le_bytes(), 8 * MIB)
-        .expect("write");
-    dimm_file
-        .write_at(&0x0102_0304_0506_0708_u64.to_le_bytes(), 0)
-        .expect("write");
+    main_file.write_at(&0x1122_3344_5566_7788_u64.to_le_bytes(), 8 * MIB).expect("write");
+    dimm_file.write_at(&0x0102_0304_0506_0708_u64.to_le_bytes(), 0).expect("write");
     assert!(guest_u64(&mut qmp, 8 * MIB).ends_with("0x1122334455667788"));
     assert!(guest_u64(&mut qmp, dimm_address).ends_with("0x0102030405060708"));
 
     let pci = qmp.execute("query-pci", Value::Null).expect("query-pci");
-    let virtio = pci[0]["devices"]
-        .as_array()
-        .expect("devices")
-        .iter()
-        .filter(|d| d["id"]["vendor"] == 0x1af4)
-        .count();
+    let virtio = pci[0]["devices"].as_array().expect("devices").iter().filter(|d| d["id"]["vendor"] == 0x1af4).count();
     assert_eq!(virtio, 1, "one virtio device (the vhost-user-blk): {pci}");
 
     qmp.execute("cont", Value::Null).expect("cont");
     assert_eq!(qmp.query_status().expect("status"), "running");
     qmp.quit().expect("quit");
     let status = qemu.wait_timeout(Duration::from_secs(10)).expect("wait");
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "{status:?}\n{}",
-        log_of(dir.path())
-    );
+    assert!(status.is_some_and(|s| s.success()), "{status:?}\n{}", log_of(dir.path()));
 }
 
 #[test]
@@ -207,21 +159,12 @@ fn qemu_waits_for_a_late_vhost_user_backend() {
     let mut qemu = spawn(&cmd, dir.path());
     // With reconnect-ms, QEMU keeps retrying inside device realize instead
     // of exiting; its QMP monitor does not answer commands meanwhile.
-    assert_eq!(
-        qemu.wait_timeout(Duration::from_millis(1500))
-            .expect("wait"),
-        None
-    );
+    assert_eq!(qemu.wait_timeout(Duration::from_millis(1500)).expect("wait"), None);
     let _backend = StorageDaemon::start(&vhost, 2);
-    let mut qmp = qemu
-        .qmp()
-        .unwrap_or_else(|e| panic!("{e}\n{}", log_of(dir.path())));
+    let mut qmp = qemu.qmp().unwrap_or_else(|e| panic!("{e}\n{}", log_of(dir.path())));
     assert_eq!(qmp.query_status().expect("status"), "prelaunch");
     qmp.quit().expect("quit");
-    assert!(qemu
-        .wait_timeout(Duration::from_secs(10))
-        .expect("wait")
-        .is_some());
+    assert!(qemu.wait_timeout(Duration::from_secs(10)).expect("wait").is_some());
 }
 
 #[test]
@@ -231,8 +174,7 @@ fn an_early_exit_is_reported_instead_of_a_qmp_timeout() {
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let (_ram, main) = owned_region("ram0", 32 * MIB);
-    let cmd = paused_command(&[main], dir.path().join("vhost.sock"), dir.path())
-        .extra_args(["-no-such-option"]);
+    let cmd = paused_command(&[main], dir.path().join("vhost.sock"), dir.path()).extra_args(["-no-such-option"]);
     let mut qemu = spawn(&cmd, dir.path());
     let started = Instant::now();
     match qemu.qmp() {

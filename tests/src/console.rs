@@ -81,10 +81,7 @@ impl ProgressClock {
                 .spawn(move || poller.run(&shared, poll))
                 .context("spawning the progress clock")?
         };
-        Ok(ProgressClock {
-            shared,
-            thread: Some(thread),
-        })
+        Ok(ProgressClock { shared, thread: Some(thread) })
     }
 
     /// The latest stamp so far.
@@ -94,11 +91,7 @@ impl ProgressClock {
 
     /// Waits up to `timeout` for the latest stamp to satisfy `done` and
     /// returns it; `None` on timeout.
-    pub fn wait_for(
-        &self,
-        timeout: Duration,
-        done: impl Fn(&ProgressStamp) -> bool,
-    ) -> Option<ProgressStamp> {
+    pub fn wait_for(&self, timeout: Duration, done: impl Fn(&ProgressStamp) -> bool) -> Option<ProgressStamp> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(stamp) = self.latest().filter(&done) {
@@ -155,15 +148,12 @@ impl Poller {
                     match File::open(&*path) {
                         Ok(opened) => *file = Some(opened),
                         Err(e) if e.kind() == ErrorKind::NotFound => continue,
-                        Err(e) => {
-                            return Err(e).with_context(|| format!("opening {}", path.display()))
-                        }
+                        Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
                     }
                 }
                 if let Some(file) = file {
                     chunk.clear();
-                    file.read_to_end(&mut chunk)
-                        .with_context(|| format!("reading {}", path.display()))?;
+                    file.read_to_end(&mut chunk).with_context(|| format!("reading {}", path.display()))?;
                     let at = Instant::now();
                     for &byte in &chunk {
                         let (began_at, began_in) = *self.began.get_or_insert((at, index));
@@ -173,11 +163,7 @@ impl Poller {
                         }
                         let text = String::from_utf8_lossy(&self.line);
                         if let Some(count) = AgentResults::parse(&text).progress(&self.key) {
-                            shared.stamps().push(ProgressStamp {
-                                at: began_at,
-                                count,
-                                file: began_in,
-                            });
+                            shared.stamps().push(ProgressStamp { at: began_at, count, file: began_in });
                         }
                         self.line.clear();
                         self.began = None;
@@ -213,10 +199,7 @@ impl ProgressGap {
 impl ProgressTimeline {
     /// Consecutive pairs of lines.
     fn gaps(&self) -> impl Iterator<Item = ProgressGap> + '_ {
-        self.0.windows(2).map(|pair| ProgressGap {
-            before: pair[0],
-            after: pair[1],
-        })
+        self.0.windows(2).map(|pair| ProgressGap { before: pair[0], after: pair[1] })
     }
 
     /// The first line that began in file `file` (for a migration's files: the
@@ -229,10 +212,8 @@ impl ProgressTimeline {
     /// that began before `start` or ended after `end` counts whole),
     /// longest first.
     pub fn gaps_overlapping(&self, start: Instant, end: Instant) -> Vec<ProgressGap> {
-        let mut gaps: Vec<ProgressGap> = self
-            .gaps()
-            .filter(|gap| gap.after.at >= start && gap.before.at <= end)
-            .collect();
+        let mut gaps: Vec<ProgressGap> =
+            self.gaps().filter(|gap| gap.after.at >= start && gap.before.at <= end).collect();
         gaps.sort_by_key(|gap| std::cmp::Reverse(gap.duration()));
         gaps
     }
@@ -241,11 +222,8 @@ impl ProgressTimeline {
     /// how often the guest printed while undisturbed, i.e. the resolution
     /// of a gap.
     pub fn typical_interval(&self, before: Instant) -> Option<Duration> {
-        let mut gaps: Vec<Duration> = self
-            .gaps()
-            .filter(|gap| gap.after.at < before)
-            .map(|gap| gap.duration())
-            .collect();
+        let mut gaps: Vec<Duration> =
+            self.gaps().filter(|gap| gap.after.at < before).map(|gap| gap.duration()).collect();
         gaps.sort_unstable();
         gaps.get(gaps.len() / 2).copied()
     }
@@ -260,11 +238,7 @@ mod tests {
         let stamps = millis
             .iter()
             .zip(1..)
-            .map(|(&ms, count)| ProgressStamp {
-                at: t0 + Duration::from_millis(ms),
-                count,
-                file: 0,
-            })
+            .map(|(&ms, count)| ProgressStamp { at: t0 + Duration::from_millis(ms), count, file: 0 })
             .collect();
         (t0, ProgressTimeline(stamps))
     }
@@ -282,16 +256,11 @@ mod tests {
         // The 100 ms gap lies outside the window; the 50 ms one overlaps it.
         let d = Duration::from_millis;
         assert_eq!(gaps(5, 57), [(d(50), 4, 5), (d(2), 3, 4), (d(2), 5, 6)]);
-        assert_eq!(
-            gaps(5, 161)[..3],
-            [(d(100), 7, 8), (d(50), 4, 5), (d(2), 3, 4)]
-        );
+        assert_eq!(gaps(5, 161)[..3], [(d(100), 7, 8), (d(50), 4, 5), (d(2), 3, 4)]);
         // A window inside one gap still finds it.
         assert_eq!(gaps(100, 101), [(d(100), 7, 8)]);
         assert_eq!(tl.typical_interval(ms(7)), Some(d(2)));
-        assert!(ProgressTimeline::default()
-            .gaps_overlapping(t0, ms(1))
-            .is_empty());
+        assert!(ProgressTimeline::default().gaps_overlapping(t0, ms(1)).is_empty());
         assert_eq!(ProgressTimeline::default().typical_interval(ms(1)), None);
     }
 
@@ -300,18 +269,10 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let (src, dst) = (dir.path().join("src.serial"), dir.path().join("dst.serial"));
         std::fs::write(&src, "boot\r\nGMEMD-PROGRESS seqio=4\r\nGMEMD-PROGRESS seq")?;
-        let clock =
-            ProgressClock::start(vec![src, dst.clone()], "seqio", Duration::from_millis(1))?;
-        assert!(clock
-            .wait_for(Duration::from_secs(5), |s| s.count == 4)
-            .is_some());
-        std::fs::write(
-            &dst,
-            "io=8\r\nGMEMD-PROGRESS other=9\r\nGMEMD-PROGRESS seqio=12\r\n",
-        )?;
-        assert!(clock
-            .wait_for(Duration::from_secs(5), |s| s.count == 12)
-            .is_some());
+        let clock = ProgressClock::start(vec![src, dst.clone()], "seqio", Duration::from_millis(1))?;
+        assert!(clock.wait_for(Duration::from_secs(5), |s| s.count == 4).is_some());
+        std::fs::write(&dst, "io=8\r\nGMEMD-PROGRESS other=9\r\nGMEMD-PROGRESS seqio=12\r\n")?;
+        assert!(clock.wait_for(Duration::from_secs(5), |s| s.count == 12).is_some());
         let timeline = clock.stop()?;
         let lines: Vec<(u64, usize)> = timeline.0.iter().map(|s| (s.count, s.file)).collect();
         assert_eq!(lines, [(4, 0), (8, 0), (12, 1)]);

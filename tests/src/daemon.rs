@@ -25,7 +25,8 @@ pub fn binaries() -> Result<&'static Path> {
         if !status.success() {
             return Err(format!("cargo build of gmemd/gmemctl failed: {status}"));
         }
-        let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target"));
+        let target =
+            std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target"));
         Ok(target.join("debug"))
     })
     .as_ref()
@@ -113,17 +114,25 @@ impl Gmemd {
             if options.disk.is_none() {
                 std::os::unix::fs::chown(&disk, Some(uid), Some(uid)).context("handing the disk over")?;
             }
-            argv.extend(["setpriv".to_string(), format!("--reuid={uid}"), format!("--regid={uid}"), "--clear-groups".into()].map(Into::into));
+            argv.extend(
+                ["setpriv".to_string(), format!("--reuid={uid}"), format!("--regid={uid}"), "--clear-groups".into()]
+                    .map(Into::into),
+            );
         }
         argv.push(binaries()?.join("gmemd").into());
         let mut command = Command::new(&argv[0]);
         command.args(&argv[1..]);
         let child = command
-            .arg("--socket").arg(&socket)
-            .arg("--control").arg(&control)
-            .arg("--disk").arg(&disk)
-            .arg("--memory").arg(&options.memory)
-            .arg("--queues").arg(options.queues.to_string())
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--control")
+            .arg(&control)
+            .arg("--disk")
+            .arg(&disk)
+            .arg("--memory")
+            .arg(&options.memory)
+            .arg("--queues")
+            .arg(options.queues.to_string())
             .args(&options.extra)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())

@@ -42,10 +42,7 @@ impl GuestImage {
     /// quickly with the same message instead of retrying the download.
     pub fn ensure() -> Result<GuestImage> {
         static IMAGE: OnceLock<std::result::Result<GuestImage, String>> = OnceLock::new();
-        IMAGE
-            .get_or_init(|| build_image().map_err(|e| format!("{e:#}")))
-            .clone()
-            .map_err(anyhow::Error::msg)
+        IMAGE.get_or_init(|| build_image().map_err(|e| format!("{e:#}"))).clone().map_err(anyhow::Error::msg)
     }
 }
 
@@ -57,17 +54,10 @@ pub fn repo_root() -> &'static Path {
 
 fn build_image() -> Result<GuestImage> {
     let script = repo_root().join("scripts/guest-image");
-    let out = Command::new(&script)
-        .output()
-        .with_context(|| format!("cannot run {}", script.display()))?;
+    let out = Command::new(&script).output().with_context(|| format!("cannot run {}", script.display()))?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
-        bail!(
-            "{} failed ({}); its output:\n{}",
-            script.display(),
-            out.status,
-            stderr.trim_end()
-        );
+        bail!("{} failed ({}); its output:\n{}", script.display(), out.status, stderr.trim_end());
     }
     for line in stderr.lines() {
         log::debug!("guest-image: {line}");
@@ -82,18 +72,10 @@ fn build_image() -> Result<GuestImage> {
             stderr.trim_end()
         ),
     };
-    let image = GuestImage {
-        kernel: dir.join("vmlinuz"),
-        initrd: dir.join("initrd.img"),
-    };
+    let image = GuestImage { kernel: dir.join("vmlinuz"), initrd: dir.join("initrd.img") };
     for file in [&image.kernel, &image.initrd] {
         if !file.is_file() {
-            bail!(
-                "{} reported {} but {} is missing",
-                script.display(),
-                dir.display(),
-                file.display()
-            );
+            bail!("{} reported {} but {} is missing", script.display(), dir.display(), file.display());
         }
     }
     log::info!("test guest image: {}", dir.display());
@@ -107,10 +89,7 @@ fn build_image() -> Result<GuestImage> {
 /// Keys and values must not contain whitespace: the guest splits the command
 /// line on it. Agents take numbers and hex strings only.
 pub fn agent_append(agent: &str, params: &[(&str, &str)]) -> String {
-    debug_assert!(
-        !agent.is_empty() && !agent.contains(char::is_whitespace),
-        "bad agent name {agent:?}"
-    );
+    debug_assert!(!agent.is_empty() && !agent.contains(char::is_whitespace), "bad agent name {agent:?}");
     let mut line = format!("console=ttyS0 quiet panic=-1 agent={agent}");
     for (key, value) in params {
         debug_assert!(
@@ -154,19 +133,11 @@ impl AgentResults {
                     let Some((key, value)) = token.split_once('=') else {
                         continue;
                     };
-                    if key.is_empty()
-                        || !key
-                            .chars()
-                            .all(|c| c.is_ascii_alphanumeric() || "_-".contains(c))
-                    {
+                    if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || "_-".contains(c)) {
                         continue;
                     }
-                    let end = value
-                        .find(|c: char| !is_value_char(c))
-                        .unwrap_or(value.len());
-                    results
-                        .pairs
-                        .push((key.to_owned(), value[..end].to_owned()));
+                    let end = value.find(|c: char| !is_value_char(c)).unwrap_or(value.len());
+                    results.pairs.push((key.to_owned(), value[..end].to_owned()));
                 }
             } else if let Some(rest) = after_marker(line, PROGRESS_MARKER) {
                 for token in rest.split_whitespace() {
@@ -184,9 +155,7 @@ impl AgentResults {
             } else if let Some(rest) = after_marker(line, START_MARKER) {
                 let mut words = rest.split_whitespace();
                 if let Some(name) = words.next() {
-                    let uptime = words
-                        .find_map(|w| w.strip_prefix("uptime="))
-                        .map(str::to_owned);
+                    let uptime = words.find_map(|w| w.strip_prefix("uptime=")).map(str::to_owned);
                     results.started = Some((name.to_owned(), uptime));
                 }
             }
@@ -196,32 +165,20 @@ impl AgentResults {
 
     /// The value of `key`; if several result lines set it, the last one.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.pairs
-            .iter()
-            .rev()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
+        self.pairs.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
 
     /// Every value reported for `key`, in console order (e.g. each `op=` of
     /// the bench agent).
     pub fn all(&self, key: &str) -> Vec<&str> {
-        self.pairs
-            .iter()
-            .filter(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
-            .collect()
+        self.pairs.iter().filter(|(k, _)| k == key).map(|(_, v)| v.as_str()).collect()
     }
 
     /// The highest progress count reported for `key`, if any. Counts only
     /// grow, and a line cut short (a count missing its last digits) cannot
     /// lower the maximum.
     pub fn progress(&self, key: &str) -> Option<u64> {
-        self.progress
-            .iter()
-            .filter(|(k, _)| k == key)
-            .map(|(_, count)| *count)
-            .max()
+        self.progress.iter().filter(|(k, _)| k == key).map(|(_, count)| *count).max()
     }
 
     /// The agent's exit status, once init has reported it; `None` while the
@@ -267,10 +224,7 @@ mod tests {
 
     #[test]
     fn append_line() {
-        assert_eq!(
-            agent_append("idle", &[]),
-            "console=ttyS0 quiet panic=-1 agent=idle"
-        );
+        assert_eq!(agent_append("idle", &[]), "console=ttyS0 quiet panic=-1 agent=idle");
         assert_eq!(
             agent_append("bench", &[("mib", "64"), ("randreads", "100")]),
             "console=ttyS0 quiet panic=-1 agent=bench agent.mib=64 agent.randreads=100"
@@ -352,19 +306,10 @@ mod tests {
 
     #[test]
     fn exit_codes() {
-        assert_eq!(
-            AgentResults::parse("GMEMD-AGENT-EXIT 127\r\n").exit_code(),
-            Some(127)
-        );
-        assert_eq!(
-            AgentResults::parse("GMEMD-AGENT-EXIT 1\nGMEMD-AGENT-EXIT 0\n").exit_code(),
-            Some(0)
-        );
+        assert_eq!(AgentResults::parse("GMEMD-AGENT-EXIT 127\r\n").exit_code(), Some(127));
+        assert_eq!(AgentResults::parse("GMEMD-AGENT-EXIT 1\nGMEMD-AGENT-EXIT 0\n").exit_code(), Some(0));
         // A line without its newline yet is not read.
-        assert_eq!(
-            AgentResults::parse("GMEMD-AGENT-EXIT 1\nGMEMD-AGENT-EXIT 0").exit_code(),
-            Some(1)
-        );
+        assert_eq!(AgentResults::parse("GMEMD-AGENT-EXIT 1\nGMEMD-AGENT-EXIT 0").exit_code(), Some(1));
         // Cut off mid-line, or no exit line at all.
         assert_eq!(AgentResults::parse("GMEMD-AGENT-EXIT ").exit_code(), None);
         assert_eq!(AgentResults::parse("GMEMD-AGENT-EXIT").exit_code(), None);

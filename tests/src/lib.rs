@@ -17,7 +17,11 @@ pub use net::{DelayRelay, HostPair};
 pub use vm::{Vm, VmOptions};
 
 /// Polls `probe` every 50 ms until it gives a value, for up to `timeout`.
-pub fn poll_until<T>(what: &str, timeout: std::time::Duration, mut probe: impl FnMut() -> Option<T>) -> anyhow::Result<T> {
+pub fn poll_until<T>(
+    what: &str,
+    timeout: std::time::Duration,
+    mut probe: impl FnMut() -> Option<T>,
+) -> anyhow::Result<T> {
     let deadline = std::time::Instant::now() + timeout;
     loop {
         if let Some(value) = probe() {
@@ -35,7 +39,11 @@ pub fn require_huge_pages(count: u64) -> anyhow::Result<()> {
     let field = |name: &str| {
         meminfo.lines().find_map(|line| line.strip_prefix(name)?.split_whitespace().next()?.parse::<u64>().ok())
     };
-    anyhow::ensure!(field("Hugepagesize:") == Some(2048), "the default huge page size is not 2 MiB: {:?} kB", field("Hugepagesize:"));
+    anyhow::ensure!(
+        field("Hugepagesize:") == Some(2048),
+        "the default huge page size is not 2 MiB: {:?} kB",
+        field("Hugepagesize:")
+    );
     let free = field("HugePages_Free:").unwrap_or(0);
     let reserved = field("HugePages_Rsvd:").unwrap_or(0);
     anyhow::ensure!(

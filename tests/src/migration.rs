@@ -43,11 +43,8 @@ impl MigrationPair {
     /// starts the destination QEMU.
     pub fn start(options: &MigrationOptions) -> Result<MigrationPair> {
         let hosts = HostPair::create()?;
-        let source = Gmemd::start(&GmemdOptions {
-            netns: Some(hosts.src_ns().to_owned()),
-            ..options.gmemd.clone()
-        })
-        .context("starting the source gmemd")?;
+        let source = Gmemd::start(&GmemdOptions { netns: Some(hosts.src_ns().to_owned()), ..options.gmemd.clone() })
+            .context("starting the source gmemd")?;
         let dest = Gmemd::start(&GmemdOptions {
             netns: Some(hosts.dst_ns().to_owned()),
             disk: Some(source.disk.clone()),
@@ -74,13 +71,7 @@ impl MigrationPair {
             },
         )
         .context("starting the destination QEMU")?;
-        Ok(MigrationPair {
-            source_vm,
-            dest_vm,
-            dest,
-            source,
-            hosts,
-        })
+        Ok(MigrationPair { source_vm, dest_vm, dest, source, hosts })
     }
 
     /// Both guest consoles, source first, on separate lines: the agent's
@@ -88,10 +79,6 @@ impl MigrationPair {
     /// [`AgentResults::parse`](crate::guest::AgentResults::parse) or for an
     /// error message.
     pub fn serial_text(&self) -> String {
-        format!(
-            "{}\n{}",
-            self.source_vm.serial_text(),
-            self.dest_vm.serial_text()
-        )
+        format!("{}\n{}", self.source_vm.serial_text(), self.dest_vm.serial_text())
     }
 }

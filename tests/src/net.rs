@@ -33,10 +33,7 @@ static PAIRS: AtomicU32 = AtomicU32::new(0);
 
 /// Runs `program args`; fails with its stderr if it does not succeed.
 fn run(program: &str, args: &[&str]) -> Result<()> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("cannot run {program}"))?;
+    let out = Command::new(program).args(args).output().with_context(|| format!("cannot run {program}"))?;
     if !out.status.success() {
         bail!(
             "{program} {} failed ({}): {}",
@@ -59,8 +56,7 @@ pub fn enter_netns(name: &str) -> Result<()> {
     // for the duration of the call; it touches no memory of ours.
     let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
     if rc != 0 {
-        return Err(io::Error::last_os_error())
-            .with_context(|| format!("setns into network namespace {name}"));
+        return Err(io::Error::last_os_error()).with_context(|| format!("setns into network namespace {name}"));
     }
     Ok(())
 }
@@ -129,14 +125,8 @@ impl HostPair {
                 &pair.dst_ns,
             ],
         )?;
-        for (ns, veth, addr) in [
-            (&pair.src_ns, SRC_VETH, pair.src_addr),
-            (&pair.dst_ns, DST_VETH, pair.dst_addr),
-        ] {
-            run(
-                "ip",
-                &["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", veth],
-            )?;
+        for (ns, veth, addr) in [(&pair.src_ns, SRC_VETH, pair.src_addr), (&pair.dst_ns, DST_VETH, pair.dst_addr)] {
+            run("ip", &["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", veth])?;
             run("ip", &["-n", ns, "link", "set", veth, "up"])?;
             run("ip", &["-n", ns, "link", "set", "lo", "up"])?;
         }
@@ -222,17 +212,10 @@ fn delete_stale_namespaces() {
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name
-            .strip_prefix(SRC_PREFIX)
-            .or_else(|| name.strip_prefix(DST_PREFIX))
-        else {
+        let Some(rest) = name.strip_prefix(SRC_PREFIX).or_else(|| name.strip_prefix(DST_PREFIX)) else {
             continue;
         };
-        let Some(pid) = rest
-            .split('-')
-            .next()
-            .and_then(|pid| pid.parse::<u32>().ok())
-        else {
+        let Some(pid) = rest.split('-').next().and_then(|pid| pid.parse::<u32>().ok()) else {
             continue;
         };
         if !Path::new(&format!("/proc/{pid}")).exists() {
@@ -329,25 +312,19 @@ impl RelayShared {
     /// Connects `client` to the target; on failure `client` is closed, as a
     /// refused connection would leave it.
     fn relay(&self, client: TcpStream) -> Result<()> {
-        let server = TcpStream::connect(self.target)
-            .with_context(|| format!("connecting to {}", self.target))?;
+        let server = TcpStream::connect(self.target).with_context(|| format!("connecting to {}", self.target))?;
         for socket in [&client, &server] {
             socket.set_nodelay(true)?;
         }
         let mut links = self.links();
         // Forget connections that ended by themselves.
-        let (done, live): (Vec<Link>, Vec<Link>) = std::mem::take(&mut *links)
-            .into_iter()
-            .partition(|link| link.pumps.iter().all(JoinHandle::is_finished));
+        let (done, live): (Vec<Link>, Vec<Link>) =
+            std::mem::take(&mut *links).into_iter().partition(|link| link.pumps.iter().all(JoinHandle::is_finished));
         *links = live;
         done.into_iter().for_each(Link::join);
         let mut pumps = pump(client.try_clone()?, server.try_clone()?, self.delay)?;
         pumps.extend(pump(server.try_clone()?, client.try_clone()?, self.delay)?);
-        links.push(Link {
-            client,
-            server,
-            pumps,
-        });
+        links.push(Link { client, server, pumps });
         Ok(())
     }
 
@@ -375,9 +352,7 @@ fn pump(from: TcpStream, to: TcpStream, delay: Duration) -> Result<Vec<JoinHandl
     let reader = thread::Builder::new()
         .name("relay-read".into())
         .spawn(move || read_chunks(reader_from, reader_to, delay, tx))?;
-    let writer = thread::Builder::new()
-        .name("relay-write".into())
-        .spawn(move || write_chunks(from, to, rx))?;
+    let writer = thread::Builder::new().name("relay-write".into()).spawn(move || write_chunks(from, to, rx))?;
     Ok(vec![reader, writer])
 }
 
@@ -429,16 +404,10 @@ impl DelayRelay {
     /// Starts a relay in network namespace `netns`, listening on `listen`
     /// (port 0: an ephemeral one, see [`addr`](Self::addr)) and forwarding
     /// to `target`, with `delay` added in each direction.
-    pub fn start(
-        netns: &str,
-        listen: SocketAddr,
-        target: SocketAddr,
-        delay: Duration,
-    ) -> Result<DelayRelay> {
+    pub fn start(netns: &str, listen: SocketAddr, target: SocketAddr, delay: Duration) -> Result<DelayRelay> {
         let (tx, rx) = sync_channel(1);
         let acceptor = spawn_in_netns(netns, "relay-accept", move || {
-            let bound =
-                TcpListener::bind(listen).with_context(|| format!("relay: binding {listen}"));
+            let bound = TcpListener::bind(listen).with_context(|| format!("relay: binding {listen}"));
             let shared = match bound {
                 Ok(listener) => Arc::new(RelayShared {
                     listener,
@@ -459,20 +428,12 @@ impl DelayRelay {
         let shared = match rx.recv() {
             Ok(shared) => shared?,
             Err(_) => match acceptor.join() {
-                Ok(result) => {
-                    return Err(result
-                        .err()
-                        .unwrap_or_else(|| anyhow::anyhow!("relay thread ended early")))
-                }
+                Ok(result) => return Err(result.err().unwrap_or_else(|| anyhow::anyhow!("relay thread ended early"))),
                 Err(_) => bail!("the relay thread panicked"),
             },
         };
         let addr = shared.listener.local_addr()?;
-        Ok(DelayRelay {
-            addr,
-            shared,
-            acceptor: Some(acceptor),
-        })
+        Ok(DelayRelay { addr, shared, acceptor: Some(acceptor) })
     }
 
     /// The address it listens on (in its namespace).
@@ -502,11 +463,7 @@ impl Drop for DelayRelay {
         // `stopping`.
         let rc = unsafe { libc::shutdown(self.shared.listener.as_raw_fd(), libc::SHUT_RDWR) };
         if rc != 0 {
-            log::warn!(
-                "relay {}: shutting the listener down: {}",
-                self.addr,
-                io::Error::last_os_error()
-            );
+            log::warn!("relay {}: shutting the listener down: {}", self.addr, io::Error::last_os_error());
         } else if let Some(acceptor) = self.acceptor.take() {
             match acceptor.join() {
                 Ok(Ok(())) => {}

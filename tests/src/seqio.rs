@@ -98,9 +98,7 @@ pub fn verify_disk(path: &Path, blocks: u64, seed: u64) -> Result<u64> {
     let mut sum = Fnv1a::new();
     let (mut bad, mut first_bad) = (0u64, None);
     for index in 0..blocks {
-        reader
-            .read_exact(&mut data)
-            .with_context(|| format!("reading block {index} of {}", path.display()))?;
+        reader.read_exact(&mut data).with_context(|| format!("reading block {index} of {}", path.display()))?;
         sum.update(&data);
         if data != block(seed, index) {
             bad += 1;
@@ -108,7 +106,10 @@ pub fn verify_disk(path: &Path, blocks: u64, seed: u64) -> Result<u64> {
         }
     }
     if let Some(first) = first_bad {
-        bail!("{bad} of {blocks} blocks in {} differ from seqio's pattern (seed {seed}); the first is {first}", path.display());
+        bail!(
+            "{bad} of {blocks} blocks in {} differ from seqio's pattern (seed {seed}); the first is {first}",
+            path.display()
+        );
     }
     Ok(sum.value())
 }
@@ -133,15 +134,10 @@ pub struct SeqioReport {
 impl SeqioReport {
     /// Takes the `seqio_*` keys out of `results`.
     pub fn from_results(results: &AgentResults) -> Result<SeqioReport> {
-        let value = |key: &str| {
-            results
-                .get(key)
-                .with_context(|| format!("the guest reported no {key}"))
-        };
+        let value = |key: &str| results.get(key).with_context(|| format!("the guest reported no {key}"));
         let number = |key: &str| -> Result<u64> {
             let text = value(key)?;
-            text.parse()
-                .with_context(|| format!("{key}={text} is not a number"))
+            text.parse().with_context(|| format!("{key}={text} is not a number"))
         };
         let hex = |key: &str| -> Result<u64> {
             let text = value(key)?;
@@ -198,20 +194,11 @@ mod tests {
             (1, 0, 0x47e4_ce4b_896c_dd1d, 0x886a_3c2d_3ee5_29bc),
             (1, 1, 0x102a_ceb9_af8e_2597, 0x969c_3bc1_54a6_fe21),
             (0, 0, 0xf672_ec45_de11_653d, 0xe2e1_1355_7793_b809),
-            (
-                0xdead_beef,
-                12345,
-                0xf12c_b713_d86d_dcde,
-                0x55aa_35a5_1eae_df5f,
-            ),
+            (0xdead_beef, 12345, 0xf12c_b713_d86d_dcde, 0x55aa_35a5_1eae_df5f),
         ] {
             let data = block(seed, index);
             assert_eq!(word(&data, 0), first, "seed {seed} block {index}");
-            assert_eq!(
-                word(&data, BLOCK_BYTES / 8 - 1),
-                last,
-                "seed {seed} block {index}"
-            );
+            assert_eq!(word(&data, BLOCK_BYTES / 8 - 1), last, "seed {seed} block {index}");
         }
     }
 

@@ -63,17 +63,8 @@ pub struct Vm {
 
 impl Vm {
     /// Boots the guest on `gmemd` with `cpus` vCPUs and runs `agent`.
-    pub fn boot(
-        gmemd: &Gmemd,
-        name: &str,
-        cpus: u32,
-        agent: &str,
-        params: &[(&str, &str)],
-    ) -> Result<Vm> {
-        let mut options = VmOptions {
-            cpus,
-            ..VmOptions::new(name, agent)
-        };
+    pub fn boot(gmemd: &Gmemd, name: &str, cpus: u32, agent: &str, params: &[(&str, &str)]) -> Result<Vm> {
+        let mut options = VmOptions { cpus, ..VmOptions::new(name, agent) };
         for (key, value) in params {
             options = options.param(key, value);
         }
@@ -87,11 +78,7 @@ impl Vm {
         let serial = dir.join(format!("{}.serial", options.name));
         let qmp = dir.join(format!("{}.qmp", options.name));
         let qemu_log = dir.join(format!("{}.qemu.log", options.name));
-        let params: Vec<(&str, &str)> = options
-            .params
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
+        let params: Vec<(&str, &str)> = options.params.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let mut command = QemuCommand::for_daemon(&mut gmemd.client()?)?
             .kernel(&image.kernel)
             .initrd(&image.initrd)
@@ -109,12 +96,7 @@ impl Vm {
             ..SpawnOptions::default()
         };
         let qemu = QemuProcess::spawn_with(&command, &spawn).context("starting QEMU")?;
-        Ok(Vm {
-            qemu,
-            serial,
-            qmp,
-            qemu_log,
-        })
+        Ok(Vm { qemu, serial, qmp, qemu_log })
     }
 
     /// QEMU's pid.
@@ -130,9 +112,7 @@ impl Vm {
     /// A new QMP connection (capabilities negotiated), waiting for QEMU to
     /// open its socket.
     pub fn qmp(&mut self) -> Result<QmpClient> {
-        self.qemu
-            .qmp()
-            .with_context(|| format!("QMP of QEMU {}; its log:\n{}", self.pid(), self.qemu_log()))
+        self.qemu.qmp().with_context(|| format!("QMP of QEMU {}; its log:\n{}", self.pid(), self.qemu_log()))
     }
 
     /// The file QEMU writes the guest console to.
@@ -153,19 +133,12 @@ impl Vm {
     /// Waits until the guest printed a result with `key`, QEMU exits, or
     /// `timeout` passes.
     pub fn wait_for(&mut self, key: &str, timeout: Duration) -> Result<AgentResults> {
-        self.wait_until(&format!("'{key}'"), timeout, |results| {
-            results.get(key).is_some()
-        })
+        self.wait_until(&format!("'{key}'"), timeout, |results| results.get(key).is_some())
     }
 
     /// Waits until the guest reported progress `key` of at least `count`
     /// (see [`AgentResults::progress`]), QEMU exits, or `timeout` passes.
-    pub fn wait_for_progress(
-        &mut self,
-        key: &str,
-        count: u64,
-        timeout: Duration,
-    ) -> Result<AgentResults> {
+    pub fn wait_for_progress(&mut self, key: &str, count: u64, timeout: Duration) -> Result<AgentResults> {
         self.wait_until(&format!("progress {key}>={count}"), timeout, |results| {
             results.progress(key).is_some_and(|done| done >= count)
         })
@@ -184,16 +157,10 @@ impl Vm {
                 return Ok(results);
             }
             if let Some(status) = self.qemu.try_wait()? {
-                bail!(
-                    "QEMU exited ({status}) before the guest reported {what}; {}",
-                    self.diagnostics()
-                );
+                bail!("QEMU exited ({status}) before the guest reported {what}; {}", self.diagnostics());
             }
             if Instant::now() > deadline {
-                bail!(
-                    "no {what} from the guest within {timeout:?}; {}",
-                    self.diagnostics()
-                );
+                bail!("no {what} from the guest within {timeout:?}; {}", self.diagnostics());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -206,16 +173,10 @@ impl Vm {
                 let results = AgentResults::parse(&self.serial_text());
                 match results.exit_code() {
                     Some(0) => Ok(results),
-                    code => bail!(
-                        "the guest agent failed (exit {code:?}); {}",
-                        self.diagnostics()
-                    ),
+                    code => bail!("the guest agent failed (exit {code:?}); {}", self.diagnostics()),
                 }
             }
-            None => bail!(
-                "the guest did not power off within {timeout:?}; {}",
-                self.diagnostics()
-            ),
+            None => bail!("the guest did not power off within {timeout:?}; {}", self.diagnostics()),
         }
     }
 
@@ -227,10 +188,6 @@ impl Vm {
 
     /// The serial console and QEMU's log, for error messages.
     fn diagnostics(&self) -> String {
-        format!(
-            "serial:\n{}\nQEMU's log:\n{}",
-            self.serial_text(),
-            self.qemu_log()
-        )
+        format!("serial:\n{}\nQEMU's log:\n{}", self.serial_text(), self.qemu_log())
     }
 }

@@ -91,7 +91,8 @@ fn half_lines_and_vanishing_clients_do_not_disturb_others() -> Result<()> {
     ensure!(line.contains("\"return\"") && line.contains("ram0"), "{line}");
     // Pipelined requests get one reply each, in order.
     let mut pipelined = UnixStream::connect(&gmemd.control)?;
-    pipelined.write_all(format!("{}\n{}\n", Command::QueryStatus.to_line(), Command::QueryDevice.to_line()).as_bytes())?;
+    pipelined
+        .write_all(format!("{}\n{}\n", Command::QueryStatus.to_line(), Command::QueryDevice.to_line()).as_bytes())?;
     let mut reader = BufReader::new(pipelined);
     let (mut first, mut second) = (String::new(), String::new());
     reader.read_line(&mut first)?;

@@ -14,11 +14,10 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use gmem_protocol::MigrationState;
-use gmem_qemu::QmpClient;
 use gmem_qemu::migration::{
-    prepare_destination, Endpoint, Migration, MigrationOptions as Plan, MigrationReport,
-    SwitchToPostcopy,
+    prepare_destination, Endpoint, Migration, MigrationOptions as Plan, MigrationReport, SwitchToPostcopy,
 };
+use gmem_qemu::QmpClient;
 use gmem_tests::seqio::{self, SeqioReport, PROGRESS_KEY};
 use gmem_tests::{DelayRelay, GmemdOptions, MigrationOptions, MigrationPair, VmOptions};
 
@@ -102,7 +101,10 @@ fn precopy_with_the_guest_writing_continuously_loses_nothing() -> Result<()> {
     verify(&mut pair, 11)?;
     let source = report.source_gmemd.as_ref().context("source gmemd figures")?;
     ensure!(source.state == MigrationState::DirtyLogging, "{source:?}");
-    ensure!(source.dirty_log.pages_marked > 0 && source.device_bytes_written > 0, "the device logged nothing: {source:?}");
+    ensure!(
+        source.dirty_log.pages_marked > 0 && source.device_bytes_written > 0,
+        "the device logged nothing: {source:?}"
+    );
     ensure!(!report.postcopy, "{report:?}");
     Ok(())
 }
@@ -111,7 +113,8 @@ fn precopy_with_the_guest_writing_continuously_loses_nothing() -> Result<()> {
 fn precopy_without_dirty_logging_is_caught_by_the_verification() -> Result<()> {
     // The source gmemd accepts QEMU's log but never marks it: pages the
     // device wrote after QEMU had sent them arrive stale.
-    let mut pair = pair("nolog", 12, 1, GmemdOptions { extra: vec!["--test-skip-dirty-log".into()], ..GmemdOptions::default() })?;
+    let mut pair =
+        pair("nolog", 12, 1, GmemdOptions { extra: vec!["--test-skip-dirty-log".into()], ..GmemdOptions::default() })?;
     let plan = plan(&pair, None);
     migrate(&mut pair, &plan, |_, _, _, _| Ok(()))?;
     let outcome = verify(&mut pair, 12);
@@ -220,7 +223,10 @@ fn postcopy_is_refused_up_front_by_an_unprivileged_destination() -> Result<()> {
         .args(["--to", &endpoint(&pair.dest_vm, &pair.dest)])
         .output()?;
     let stderr = String::from_utf8_lossy(&gmemctl.stderr);
-    ensure!(!gmemctl.status.success() && stderr.contains("the destination gmemd cannot serve postcopy"), "gmemctl: {stderr}");
+    ensure!(
+        !gmemctl.status.success() && stderr.contains("the destination gmemd cannot serve postcopy"),
+        "gmemctl: {stderr}"
+    );
     ensure!(stderr.contains(why), "gmemctl does not say why: {stderr}");
 
     // QEMU refuses it too, when asked directly.
@@ -242,7 +248,8 @@ fn postcopy_is_refused_up_front_by_an_unprivileged_destination() -> Result<()> {
 #[test]
 fn postcopy_of_hugetlb_guest_ram_loses_nothing() -> Result<()> {
     gmem_tests::require_huge_pages(2 * 256)?;
-    let hugetlb = GmemdOptions { extra: vec!["--region".into(), "id=ram0,size=512M,hugetlb".into()], ..GmemdOptions::default() };
+    let hugetlb =
+        GmemdOptions { extra: vec!["--region".into(), "id=ram0,size=512M,hugetlb".into()], ..GmemdOptions::default() };
     let mut pair = pair("postcopy-hugetlb", 25, SCATTERED, hugetlb)?;
     let mut plan = postcopy_plan(&pair, None);
     // QEMU 10.0 looks at the migration's state only every 64 host pages it

@@ -25,8 +25,7 @@ fn server_in(ns: &str, addr: std::net::Ipv4Addr, serve: fn(TcpStream)) -> Result
         }
         Ok(())
     })?;
-    rx.recv_timeout(Duration::from_secs(5))
-        .context("the server did not start")
+    rx.recv_timeout(Duration::from_secs(5)).context("the server did not start")
 }
 
 fn echo(mut stream: TcpStream) {
@@ -43,10 +42,7 @@ fn sink(mut stream: TcpStream) {
 }
 
 /// Runs `body` on a thread in `ns` and returns its result.
-fn in_ns<T: Send + 'static>(
-    ns: &str,
-    body: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
+fn in_ns<T: Send + 'static>(ns: &str, body: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     match spawn_in_netns(ns, "test-client", body)?.join() {
         Ok(result) => result,
         Err(_) => anyhow::bail!("the client thread panicked"),
@@ -81,10 +77,7 @@ fn a_relay_delays_and_cuts_while_accepting_new_connections() -> Result<()> {
     let mut stream = in_ns(hosts.src_ns(), move || Ok(TcpStream::connect(addr)?))?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     let rtt = min_round_trip(&mut stream, 5)?;
-    ensure!(
-        rtt >= Duration::from_millis(10) && rtt < Duration::from_millis(500),
-        "round trip {rtt:?}"
-    );
+    ensure!(rtt >= Duration::from_millis(10) && rtt < Duration::from_millis(500), "round trip {rtt:?}");
     ensure!(relay.connections() == 1);
 
     // After the cut, the old connection reads EOF (or a reset), never data.
@@ -137,10 +130,7 @@ fn bandwidth_limit_slows_the_source_side() -> Result<()> {
         Ok(started.elapsed())
     })?;
     // 4 MiB at 40 Mbit/s (5 MB/s) take about 0.84 s.
-    ensure!(
-        elapsed >= Duration::from_millis(600) && elapsed < Duration::from_secs(10),
-        "4 MiB took {elapsed:?}"
-    );
+    ensure!(elapsed >= Duration::from_millis(600) && elapsed < Duration::from_secs(10), "4 MiB took {elapsed:?}");
     Ok(())
 }
 
@@ -149,19 +139,13 @@ fn namespaces_go_with_the_pair() -> Result<()> {
     let hosts = HostPair::create()?;
     let names = [hosts.src_ns().to_owned(), hosts.dst_ns().to_owned()];
     ensure!(names[0] != names[1]);
-    ensure!(
-        HostPair::create()?.src_ns() != names[0],
-        "two pairs share a namespace"
-    );
+    ensure!(HostPair::create()?.src_ns() != names[0], "two pairs share a namespace");
     for name in &names {
         ensure!(Path::new("/var/run/netns").join(name).exists());
     }
     drop(hosts);
     for name in &names {
-        ensure!(
-            !Path::new("/var/run/netns").join(name).exists(),
-            "{name} is still there"
-        );
+        ensure!(!Path::new("/var/run/netns").join(name).exists(), "{name} is still there");
     }
     Ok(())
 }
@@ -170,14 +154,8 @@ fn namespaces_go_with_the_pair() -> Result<()> {
 fn a_migration_pair_runs_the_source_and_parks_the_destination() -> Result<()> {
     const BLOCKS: u64 = 256;
     let options = MigrationOptions {
-        gmemd: GmemdOptions {
-            memory: "256M".into(),
-            disk_bytes: 16 << 20,
-            ..GmemdOptions::default()
-        },
-        vm: VmOptions::new("pair", "seqio")
-            .param("blocks", BLOCKS)
-            .param("seed", 5),
+        gmemd: GmemdOptions { memory: "256M".into(), disk_bytes: 16 << 20, ..GmemdOptions::default() },
+        vm: VmOptions::new("pair", "seqio").param("blocks", BLOCKS).param("seed", 5),
     };
     let mut pair = MigrationPair::start(&options)?;
     ensure!(pair.dest.disk == pair.source.disk);
@@ -197,10 +175,7 @@ fn a_migration_pair_runs_the_source_and_parks_the_destination() -> Result<()> {
         let theirs = std::fs::read_link(format!("/proc/{pid}/ns/net"))?;
         let named = std::fs::metadata(Path::new("/var/run/netns").join(ns))?;
         let inode = std::os::unix::fs::MetadataExt::ino(&named);
-        ensure!(
-            theirs.to_string_lossy() == format!("net:[{inode}]"),
-            "pid {pid} is in {theirs:?}, not {ns}"
-        );
+        ensure!(theirs.to_string_lossy() == format!("net:[{inode}]"), "pid {pid} is in {theirs:?}, not {ns}");
     }
     let results = pair.source_vm.wait_exit(Duration::from_secs(180))?;
     let report = SeqioReport::from_results(&results)?;

@@ -25,10 +25,17 @@ fn guest_writes_32_mib_and_reads_it_back_through_gmemd() -> Result<()> {
     let mut vm = Vm::boot(&gmemd, "write-verify", 1, "write-verify", &[("mib", "32")])?;
     let results = vm.wait_exit(BOOT_AND_RUN)?;
     let written = results.get("written_sha256").context("no written_sha256")?;
-    ensure!(results.get("match") == Some("yes"), "guest readback differs: {written} vs {:?}", results.get("readback_sha256"));
+    ensure!(
+        results.get("match") == Some("yes"),
+        "guest readback differs: {written} vs {:?}",
+        results.get("readback_sha256")
+    );
     ensure!(results.get("readback_sha256") == Some(written));
     // The bytes really reached the image on the host.
-    ensure!(sha256_of_prefix(&gmemd.disk, 32 << 20)? == written, "the image on the host does not hold what the guest wrote");
+    ensure!(
+        sha256_of_prefix(&gmemd.disk, 32 << 20)? == written,
+        "the image on the host does not hold what the guest wrote"
+    );
     ensure!(results.get("discard") == Some("ok"), "discard: {:?}", results.get("discard"));
     let device = gmemd.client()?.query_device()?;
     ensure!(device.queues[0].bytes_from_guest >= 32 << 20, "{device:?}");
@@ -42,7 +49,11 @@ fn two_vcpus_drive_two_queues() -> Result<()> {
     let gmemd = Gmemd::start(&GmemdOptions { queues: 2, ..GmemdOptions::default() })?;
     let mut vm = Vm::boot(&gmemd, "multiqueue", 2, "multiqueue", &[])?;
     let results = vm.wait_exit(BOOT_AND_RUN)?;
-    ensure!(results.get("slices_failed") == Some("0") && results.get("slices_ok") == Some("2"), "{:?}", vm.serial_text());
+    ensure!(
+        results.get("slices_failed") == Some("0") && results.get("slices_ok") == Some("2"),
+        "{:?}",
+        vm.serial_text()
+    );
     let device = gmemd.client()?.query_device()?;
     ensure!(device.queues.len() == 2);
     for queue in &device.queues {
@@ -90,7 +101,10 @@ fn guest_ram_outlives_a_killed_qemu_and_a_new_qemu_reconnects() -> Result<()> {
     // The search can fail: a fresh region of another daemon does not hold it.
     let fresh = Gmemd::start(&GmemdOptions::default())?;
     let fresh_region = fresh.client()?.query_regions()?.remove(0);
-    ensure!(count_in_region(&fresh_region.fd_path, doubled.as_bytes())? == 0, "the search finds tokens that were never written");
+    ensure!(
+        count_in_region(&fresh_region.fd_path, doubled.as_bytes())? == 0,
+        "the search finds tokens that were never written"
+    );
 
     // A new QEMU attaches to the same daemon and the same region and does I/O.
     ensure!(gmemd.alive(), "gmemd died with its frontend:\n{}", gmemd.log());
@@ -121,16 +135,21 @@ fn gmemctl_launch_takes_qemu_down_with_it() -> Result<()> {
         let text = || std::fs::read_to_string(&log).unwrap_or_default();
         let qemu = poll_until("QEMU's pid in gmemctl's log", WAIT, || {
             let text = text();
-            let pid = text.split("QEMU pid ").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse::<i32>().ok()?;
+            let pid =
+                text.split("QEMU pid ").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse::<i32>().ok()?;
             Some(pid)
         })?;
-        poll_until("QEMU attached to gmemd", WAIT, || (gmemd.client().ok()?.query_status().ok()?.frontends.len() == 1).then_some(()))?;
+        poll_until("QEMU attached to gmemd", WAIT, || {
+            (gmemd.client().ok()?.query_status().ok()?.frontends.len() == 1).then_some(())
+        })?;
         // SAFETY: kill takes a pid and a signal number by value.
         ensure!(unsafe { libc::kill(launch.id() as i32, signal) } == 0, "signalling gmemctl");
         let status = launch.wait()?;
         eprintln!("{name}: gmemctl exited {status}; log:\n{}", text());
         poll_until(&format!("QEMU gone after {name} to gmemctl"), WAIT, || (!running(qemu)).then_some(()))?;
-        poll_until("gmemd to see QEMU go", WAIT, || gmemd.client().ok()?.query_status().ok()?.frontends.is_empty().then_some(()))?;
+        poll_until("gmemd to see QEMU go", WAIT, || {
+            gmemd.client().ok()?.query_status().ok()?.frontends.is_empty().then_some(())
+        })?;
     }
     Ok(())
 }

@@ -27,11 +27,7 @@ fn host_gmem_io() -> Result<&'static Path> {
                 .output()
                 .map_err(|e| format!("running gcc: {e}"))?;
             if !out.status.success() {
-                return Err(format!(
-                    "gcc {} failed: {}",
-                    source.display(),
-                    String::from_utf8_lossy(&out.stderr)
-                ));
+                return Err(format!("gcc {} failed: {}", source.display(), String::from_utf8_lossy(&out.stderr)));
             }
             Ok(binary)
         })
@@ -45,11 +41,8 @@ fn host_gmem_io() -> Result<&'static Path> {
 fn run_on_host(dir: &Path, blocks: u64, seed: u64) -> Result<(PathBuf, SeqioReport)> {
     let image = dir.join(format!("seqio-{seed}.raw"));
     std::fs::File::create(&image)?.set_len(blocks * BLOCK_BYTES as u64)?;
-    let out = Command::new(host_gmem_io()?)
-        .arg("seqio")
-        .arg(&image)
-        .args([blocks.to_string(), seed.to_string()])
-        .output()?;
+    let out =
+        Command::new(host_gmem_io()?).arg("seqio").arg(&image).args([blocks.to_string(), seed.to_string()]).output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     ensure!(
         out.status.success(),
@@ -58,10 +51,7 @@ fn run_on_host(dir: &Path, blocks: u64, seed: u64) -> Result<(PathBuf, SeqioRepo
         String::from_utf8_lossy(&out.stderr)
     );
     let results = AgentResults::parse(&stdout);
-    ensure!(
-        results.progress(seqio::PROGRESS_KEY).unwrap_or(0) == blocks / 256 * 256,
-        "{stdout}"
-    );
+    ensure!(results.progress(seqio::PROGRESS_KEY).unwrap_or(0) == blocks / 256 * 256, "{stdout}");
     Ok((image, SeqioReport::from_results(&results)?))
 }
 
@@ -72,17 +62,9 @@ fn the_c_agent_and_the_rust_mirror_agree() -> Result<()> {
     // the zero-state substitute for block 0.
     for seed in [0, 1, rand::random::<u64>()] {
         let (image, report) = run_on_host(dir.path(), 300, seed)?;
-        ensure!(
-            report.is_clean() && report.blocks == 300,
-            "seed {seed}: {report:?}"
-        );
-        let on_disk =
-            seqio::verify_disk(&image, 300, seed).with_context(|| format!("seed {seed}"))?;
-        ensure!(
-            on_disk == report.sum,
-            "seed {seed}: C sum {:016x}, Rust {on_disk:016x}",
-            report.sum
-        );
+        ensure!(report.is_clean() && report.blocks == 300, "seed {seed}: {report:?}");
+        let on_disk = seqio::verify_disk(&image, 300, seed).with_context(|| format!("seed {seed}"))?;
+        ensure!(on_disk == report.sum, "seed {seed}: C sum {:016x}, Rust {on_disk:016x}", report.sum);
         ensure!(seqio::expected_sum(300, seed) == report.sum, "seed {seed}");
     }
     Ok(())
@@ -92,19 +74,15 @@ fn the_c_agent_and_the_rust_mirror_agree() -> Result<()> {
 fn verify_disk_finds_a_changed_block() -> Result<()> {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR"))?;
     let (image, _) = run_on_host(dir.path(), 64, 7)?;
-    ensure!(
-        seqio::verify_disk(&image, 64, 8).is_err(),
-        "another seed's pattern passed"
-    );
+    ensure!(seqio::verify_disk(&image, 64, 8).is_err(), "another seed's pattern passed");
     let mut file = std::fs::OpenOptions::new().write(true).open(&image)?;
     file.seek(SeekFrom::Start(40 * BLOCK_BYTES as u64 + 100))?;
     file.write_all(&[0])?;
     match seqio::verify_disk(&image, 64, 7) {
         Ok(_) => bail!("a changed byte in block 40 went unnoticed"),
-        Err(e) => ensure!(
-            e.to_string().contains("1 of 64 blocks") && e.to_string().ends_with("the first is 40"),
-            "{e}"
-        ),
+        Err(e) => {
+            ensure!(e.to_string().contains("1 of 64 blocks") && e.to_string().ends_with("the first is 40"), "{e}")
+        }
     }
     Ok(())
 }
@@ -114,23 +92,14 @@ fn seqio_runs_in_a_guest_on_gmemd() -> Result<()> {
     const BLOCKS: u64 = 512;
     let seed = rand::random::<u64>();
     let gmemd = Gmemd::start(&GmemdOptions::default())?;
-    let options = VmOptions::new("seqio", "seqio")
-        .param("blocks", BLOCKS)
-        .param("seed", seed);
+    let options = VmOptions::new("seqio", "seqio").param("blocks", BLOCKS).param("seed", seed);
     let mut vm = Vm::start(&gmemd, &options)?;
     let results = vm.wait_exit(Duration::from_secs(180))?;
     let report = SeqioReport::from_results(&results)?;
     ensure!(report.is_clean() && report.blocks == BLOCKS, "{report:?}");
-    ensure!(
-        results.progress(seqio::PROGRESS_KEY) == Some(BLOCKS),
-        "{}",
-        vm.serial_text()
-    );
+    ensure!(results.progress(seqio::PROGRESS_KEY) == Some(BLOCKS), "{}", vm.serial_text());
     ensure!(seqio::verify_disk(&gmemd.disk, BLOCKS, seed)? == report.sum);
     let device = gmemd.client()?.query_device()?;
-    ensure!(
-        device.queues[0].bytes_to_guest >= 2 * BLOCKS * BLOCK_BYTES as u64,
-        "{device:?}"
-    );
+    ensure!(device.queues[0].bytes_to_guest >= 2 * BLOCKS * BLOCK_BYTES as u64, "{device:?}");
     Ok(())
 }

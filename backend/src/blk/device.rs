@@ -97,7 +97,8 @@ impl BlkDevice {
     /// Opens the disk and sets up `options.queues` queues.
     pub fn new(options: &DeviceOptions) -> Result<Self, DiskError> {
         let disk = Disk::open(&options.disk, options.readonly)?;
-        let config = BlkConfig { capacity_bytes: disk.capacity_bytes(), num_queues: options.queues, readonly: options.readonly };
+        let config =
+            BlkConfig { capacity_bytes: disk.capacity_bytes(), num_queues: options.queues, readonly: options.readonly };
         let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
         let serial = options.serial.as_bytes();
         let n = serial.len().min(id.len());
@@ -137,7 +138,9 @@ impl BlkDevice {
             Err(error) => {
                 queue.errors.fetch_add(1, Ordering::Relaxed);
                 if queue.first_time(&error) {
-                    log::warn!("virtio-blk request failed: {error} (further errors of this kind are logged at debug level)");
+                    log::warn!(
+                        "virtio-blk request failed: {error} (further errors of this kind are logged at debug level)"
+                    );
                 } else {
                     log::debug!("virtio-blk request failed: {error}");
                 }

@@ -9,7 +9,7 @@ use virtio_bindings::virtio_blk::*;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::GuestAddress;
 
-use super::config::{SECTOR_SIZE, MAX_DISCARD_SEG};
+use super::config::{MAX_DISCARD_SEG, SECTOR_SIZE};
 use crate::memory::{AccessError, GuestBuf, RamAccess};
 
 /// Size of `struct virtio_blk_outhdr`: type, ioprio, sector.

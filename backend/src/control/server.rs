@@ -40,7 +40,11 @@ pub fn serve(daemon: Arc<Daemon>, listener: UnixListener) -> io::Result<()> {
         match peer_credentials(&stream) {
             Ok(peer) if peer_allowed(peer.uid, daemon_uid) => {}
             Ok(peer) => {
-                log::warn!("control: refused pid {} uid {} (only uid {daemon_uid} or root may connect)", peer.pid, peer.uid);
+                log::warn!(
+                    "control: refused pid {} uid {} (only uid {daemon_uid} or root may connect)",
+                    peer.pid,
+                    peer.uid
+                );
                 continue;
             }
             Err(error) => {

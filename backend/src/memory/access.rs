@@ -118,8 +118,11 @@ impl<'a> RamAccess<'a> {
         let mut done = 0usize;
         for buf in bufs {
             let len = buf.len as usize;
-            let chunk = out.get_mut(done..done + len).ok_or(AccessError::NotRam { addr: buf.addr.0, len: len as u64 })?;
-            self.ram.read_slice(chunk, buf.addr).map_err(|_| AccessError::NotRam { addr: buf.addr.0, len: len as u64 })?;
+            let chunk =
+                out.get_mut(done..done + len).ok_or(AccessError::NotRam { addr: buf.addr.0, len: len as u64 })?;
+            self.ram
+                .read_slice(chunk, buf.addr)
+                .map_err(|_| AccessError::NotRam { addr: buf.addr.0, len: len as u64 })?;
             done += len;
         }
         self.counters.from_guest.fetch_add(done as u64, Ordering::Relaxed);
@@ -177,10 +180,7 @@ impl<'a> RamAccess<'a> {
             let mut covered = 0usize;
             for slice in self.ram.get_slices(buf.addr, buf.len as usize) {
                 let slice = slice.map_err(|_| not_ram())?;
-                iovecs.push(libc::iovec {
-                    iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-                    iov_len: slice.len(),
-                });
+                iovecs.push(libc::iovec { iov_base: slice.ptr_guard_mut().as_ptr().cast(), iov_len: slice.len() });
                 covered += slice.len();
             }
             if covered != buf.len as usize {

@@ -21,10 +21,8 @@ pub struct RegionSet {
 impl RegionSet {
     /// Creates every region in `specs`; ids must be unique.
     pub fn create(specs: Vec<RegionSpec>) -> Result<Self, RegionError> {
-        let regions = specs
-            .into_iter()
-            .map(|spec| GuestRegion::create(spec).map(Arc::new))
-            .collect::<Result<Vec<_>, _>>()?;
+        let regions =
+            specs.into_iter().map(|spec| GuestRegion::create(spec).map(Arc::new)).collect::<Result<Vec<_>, _>>()?;
         Ok(RegionSet { regions })
     }
 

@@ -60,7 +60,9 @@ pub enum RegionError {
     #[error("region {id}: setting the size to {size} bytes: {source}")]
     Size { id: String, size: u64, source: io::Error },
     /// A kept backing file has another size than asked for.
-    #[error("region {id}: the backing file already holds {existing} bytes of guest RAM, not {size}; refusing to resize it")]
+    #[error(
+        "region {id}: the backing file already holds {existing} bytes of guest RAM, not {size}; refusing to resize it"
+    )]
     SizeMismatch { id: String, existing: u64, size: u64 },
     /// Sealing failed.
     #[error("region {id}: sealing against shrink/grow: {source}")]
@@ -132,8 +134,7 @@ impl GuestRegion {
             return Err(RegionError::SizeMismatch { id, existing: current.len(), size: spec.size });
         }
         if current.len() != spec.size {
-            file.set_len(spec.size)
-                .map_err(|source| RegionError::Size { id: id.clone(), size: spec.size, source })?;
+            file.set_len(spec.size).map_err(|source| RegionError::Size { id: id.clone(), size: spec.size, source })?;
         }
         // Only memfds take seals; a tmpfs/hugetlbfs file cannot be sealed, so a
         // file-backed region relies on the file's permissions instead.
@@ -142,9 +143,13 @@ impl GuestRegion {
         }
         let identity = FileIdentity::of(&file).map_err(|source| RegionError::Stat { id: id.clone(), source })?;
         let fd = file.as_raw_fd();
-        let size = usize::try_from(spec.size).map_err(|_| RegionError::BadSize { id: id.clone(), size: spec.size, page })?;
-        let mapping = MmapRegion::from_file(FileOffset::new(file, 0), size)
-            .map_err(|source| RegionError::Map { id, size: spec.size, source })?;
+        let size =
+            usize::try_from(spec.size).map_err(|_| RegionError::BadSize { id: id.clone(), size: spec.size, page })?;
+        let mapping = MmapRegion::from_file(FileOffset::new(file, 0), size).map_err(|source| RegionError::Map {
+            id,
+            size: spec.size,
+            source,
+        })?;
         let hugepage_advised = !matches!(spec.backing, Backing::MemfdHugetlb) && advise_hugepages(&mapping);
         Ok(GuestRegion { spec, identity, fd, mapping: Arc::new(mapping), hugepage_advised })
     }

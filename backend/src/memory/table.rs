@@ -303,9 +303,8 @@ mod tests {
         let foreign = tempfile::tempfile().expect("tmp");
         foreign.set_len(MIB).expect("size");
         let mut table = MemoryTable::default();
-        let error = table
-            .add(&regions, desc(0, MIB, 0), foreign.try_clone().expect("dup"), false)
-            .expect_err("foreign");
+        let error =
+            table.add(&regions, desc(0, MIB, 0), foreign.try_clone().expect("dup"), false).expect_err("foreign");
         assert!(matches!(error, TableError::Foreign { .. }), "{error}");
         assert!(error.to_string().contains("--allow-foreign-memory"));
         table.add(&regions, desc(0, MIB, 0), foreign, true).expect("allowed");

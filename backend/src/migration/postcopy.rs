@@ -144,13 +144,14 @@ impl PostcopySession {
     fn unregister_all(&mut self) -> Result<(), PostcopyError> {
         let mut first_error = None;
         for registration in self.registered.drain(..) {
-            let undone = self.uffd.unregister(registration.addr, registration.len).map_err(PostcopyError::from).and_then(|()| {
-                if registration.hugepage {
-                    madvise(registration.addr, registration.len, libc::MADV_HUGEPAGE, "MADV_HUGEPAGE")
-                } else {
-                    Ok(())
-                }
-            });
+            let undone =
+                self.uffd.unregister(registration.addr, registration.len).map_err(PostcopyError::from).and_then(|()| {
+                    if registration.hugepage {
+                        madvise(registration.addr, registration.len, libc::MADV_HUGEPAGE, "MADV_HUGEPAGE")
+                    } else {
+                        Ok(())
+                    }
+                });
             if let Err(error) = undone {
                 log::error!("postcopy end: {error}");
                 first_error.get_or_insert(error);

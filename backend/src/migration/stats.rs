@@ -135,7 +135,10 @@ mod tests {
         stats.set_state(MigrationState::None);
         stats.device_wrote(100);
         let info = stats.info();
-        assert_eq!((info.state, info.device_bytes_written, info.dirty_log.pages_marked), (MigrationState::None, 100, 3));
+        assert_eq!(
+            (info.state, info.device_bytes_written, info.dirty_log.pages_marked),
+            (MigrationState::None, 100, 3)
+        );
         stats.set_state(MigrationState::PostcopyAdvised);
         stats.fault_resolved(12_000);
         stats.set_state(MigrationState::PostcopyListening);

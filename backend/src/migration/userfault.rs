@@ -143,7 +143,8 @@ impl Userfault {
     /// Registers `[addr, addr + len)` of gmemd's own address space for
     /// missing-page faults.
     pub fn register_missing(&self, addr: u64, len: u64) -> Result<(), UserfaultError> {
-        let mut register = UffdioRegister { range: UffdioRange { start: addr, len }, mode: UFFDIO_REGISTER_MODE_MISSING, ioctls: 0 };
+        let mut register =
+            UffdioRegister { range: UffdioRange { start: addr, len }, mode: UFFDIO_REGISTER_MODE_MISSING, ioctls: 0 };
         // SAFETY: UFFDIO_REGISTER reads and writes one uffdio_register. It
         // changes how faults in the range are handled, not the memory: the
         // range is guest RAM that gmemd keeps mapped while registered.

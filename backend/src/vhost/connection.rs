@@ -13,7 +13,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use vhost::vhost_user::message::*;
-use vhost::vhost_user::{Backend, Error as VhostError, GpuBackend, Result as VhostResult, VhostUserBackendReqHandlerMut};
+use vhost::vhost_user::{
+    Backend, Error as VhostError, GpuBackend, Result as VhostResult, VhostUserBackendReqHandlerMut,
+};
 use vhost::VhostUserMemoryRegionBase;
 use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::eventfd::EventFd;
@@ -163,10 +165,11 @@ impl VhostUserBackendReqHandlerMut for FrontendConnection {
         let offered = self.get_protocol_features()? | VhostUserProtocolFeatures::REPLY_ACK;
         let unoffered = VhostUserProtocolFeatures::from_bits_retain(features) - offered;
         if !unoffered.is_empty() {
-            let why = match (unoffered.contains(VhostUserProtocolFeatures::PAGEFAULT), self.daemon.postcopy_unavailable()) {
-                (true, Some(why)) => format!(" (postcopy: {why})"),
-                _ => String::new(),
-            };
+            let why =
+                match (unoffered.contains(VhostUserProtocolFeatures::PAGEFAULT), self.daemon.postcopy_unavailable()) {
+                    (true, Some(why)) => format!(" (postcopy: {why})"),
+                    _ => String::new(),
+                };
             return Err(nack(format!("protocol features {unoffered:?} were not offered{why}")));
         }
         // The vhost crate keeps the acked set and checks it per message.
@@ -221,7 +224,8 @@ impl VhostUserBackendReqHandlerMut for FrontendConnection {
 
     fn set_vring_num(&mut self, index: u32, num: u32) -> VhostResult<()> {
         let size = u16::try_from(num).ok().filter(|n| n.is_power_of_two() && *n <= MAX_QUEUE_SIZE);
-        let size = size.ok_or_else(|| nack(format!("vring {index}: size {num} is not a power of two up to {MAX_QUEUE_SIZE}")))?;
+        let size = size
+            .ok_or_else(|| nack(format!("vring {index}: size {num} is not a power of two up to {MAX_QUEUE_SIZE}")))?;
         self.vring(index).map_err(|_| nack(format!("no vring {index}")))?.set_size(size);
         Ok(())
     }
@@ -237,7 +241,9 @@ impl VhostUserBackendReqHandlerMut for FrontendConnection {
     ) -> VhostResult<()> {
         // Ring addresses come in the frontend's virtual address space.
         let translate = |va: u64| {
-            self.table.frontend_to_gpa(va).ok_or_else(|| nack(format!("vring {index}: address {va:#x} is not in the memory table")))
+            self.table
+                .frontend_to_gpa(va)
+                .ok_or_else(|| nack(format!("vring {index}: address {va:#x} is not in the memory table")))
         };
         let addrs = RingAddrs { desc: translate(descriptor)?, avail: translate(available)?, used: translate(used)? };
         self.vring(index).map_err(|_| nack(format!("no vring {index}")))?.set_addrs(addrs);

@@ -71,4 +71,3 @@ fn spawn_connection(daemon: Arc<Daemon>, stream: UnixStream) -> io::Result<JoinH
         log::info!("frontend {id} disconnected; guest RAM kept");
     })
 }
-

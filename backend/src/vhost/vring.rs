@@ -312,7 +312,10 @@ impl QueueRun {
                 let chain = match self.queue.iter(&*ram) {
                     Ok(mut available) => available.next(),
                     Err(error) => {
-                        log::error!("vring {}: the driver corrupted the ring ({error}); stopping the queue until it is reset", self.index);
+                        log::error!(
+                            "vring {}: the driver corrupted the ring ({error}); stopping the queue until it is reset",
+                            self.index
+                        );
                         self.broken = true;
                         None
                     }

@@ -60,10 +60,7 @@ fn ms(duration: Duration) -> f64 {
 
 /// `total / requests`, when there were requests.
 fn per_request(total: Option<f64>, requests: Option<f64>) -> Option<f64> {
-    total
-        .zip(requests)
-        .filter(|(_, n)| *n > 0.0)
-        .map(|(t, n)| t / n)
+    total.zip(requests).filter(|(_, n)| *n > 0.0).map(|(t, n)| t / n)
 }
 
 impl RunFigures {
@@ -81,28 +78,15 @@ impl RunFigures {
             "the guest's workload ended ({} of {blocks} blocks) before the measurement did; raise --blocks",
             resumed.count
         );
-        let first_there = timeline
-            .first_from(1)
-            .context("no progress line from the destination")?;
-        let gap = *migrated
-            .gaps()
-            .first()
-            .context("no progress lines during the migration")?;
-        let interval = timeline
-            .typical_interval(migrated.started)
-            .context("too few progress lines before the migration")?;
+        let first_there = timeline.first_from(1).context("no progress line from the destination")?;
+        let gap = *migrated.gaps().first().context("no progress lines during the migration")?;
+        let interval =
+            timeline.typical_interval(migrated.started).context("too few progress lines before the migration")?;
         let postcopy = report.postcopy.then_some(report);
-        let faults = postcopy
-            .and_then(|r| r.destination_gmemd.as_ref())
-            .map(|d| d.postcopy.clone());
-        let latency = faults
-            .as_ref()
-            .filter(|f| f.device_faults > 0)
-            .map(|f| f.fault_latency);
+        let faults = postcopy.and_then(|r| r.destination_gmemd.as_ref()).map(|d| d.postcopy.clone());
+        let latency = faults.as_ref().filter(|f| f.device_faults > 0).map(|f| f.fault_latency);
         let requests = postcopy.map(|r| r.ram.postcopy_requests as f64);
-        let blocktime = postcopy
-            .and_then(|r| r.postcopy_blocktime_ms)
-            .map(|b| b as f64);
+        let blocktime = postcopy.and_then(|r| r.postcopy_blocktime_ms).map(|b| b as f64);
         Ok(RunFigures {
             total_time_ms: report.total_time_ms as f64,
             to_destination_ms: ms(first_there.at.saturating_duration_since(migrated.started)),
@@ -135,17 +119,11 @@ impl RunFigures {
         if let Some(gap) = self.device_io_gap_ms {
             line.push_str(&format!(", device I/O gap {gap:.1} ms"));
         }
-        if let (Some(faults), Some(p50), Some(p99)) =
-            (self.device_faults, self.fault_p50_us, self.fault_p99_us)
-        {
-            line.push_str(&format!(
-                ", {faults:.0} device faults p50 {p50:.0} µs p99 {p99:.0} µs"
-            ));
+        if let (Some(faults), Some(p50), Some(p99)) = (self.device_faults, self.fault_p50_us, self.fault_p99_us) {
+            line.push_str(&format!(", {faults:.0} device faults p50 {p50:.0} µs p99 {p99:.0} µs"));
         }
         if let (Some(blocktime), Some(requests)) = (self.blocktime_ms, self.postcopy_requests) {
-            line.push_str(&format!(
-                ", QEMU blocktime {blocktime:.0} ms / {requests:.0} requests"
-            ));
+            line.push_str(&format!(", QEMU blocktime {blocktime:.0} ms / {requests:.0} requests"));
         }
         line
     }

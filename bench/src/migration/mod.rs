@@ -18,9 +18,7 @@ use anyhow::{Context, Result};
 use clap::Args as ClapArgs;
 use gmem_protocol::MigrationInfo;
 use gmem_qemu::quote::shell_join;
-use gmem_tests::{
-    DelayRelay, GmemdOptions, GuestImage, MigrationOptions, MigrationPair, VmOptions,
-};
+use gmem_tests::{DelayRelay, GmemdOptions, GuestImage, MigrationOptions, MigrationPair, VmOptions};
 use serde::Serialize;
 
 use crate::backends::{BackendArgs, GmemdBuild, QEMU};
@@ -78,12 +76,7 @@ pub struct Args {
     runs: u32,
 
     /// Scenarios to run, comma-separated or repeated [default: all]
-    #[arg(
-        long = "scenario",
-        value_enum,
-        value_delimiter = ',',
-        value_name = "NAME"
-    )]
+    #[arg(long = "scenario", value_enum, value_delimiter = ',', value_name = "NAME")]
     scenarios: Vec<Scenario>,
 
     #[command(flatten)]
@@ -140,10 +133,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut scenarios: Vec<Scenario> = if args.scenarios.is_empty() {
         Scenario::ALL.to_vec()
     } else {
-        Scenario::ALL
-            .into_iter()
-            .filter(|s| args.scenarios.contains(s))
-            .collect()
+        Scenario::ALL.into_iter().filter(|s| args.scenarios.contains(s)).collect()
     };
     if args.backends.gmemd_only {
         scenarios.retain(|s| s.backend() == Backend::Gmemd);
@@ -155,11 +145,7 @@ pub fn run(args: Args) -> Result<()> {
     println!(
         "gmem-bench migration {timestamp}: {} run(s) of {}",
         args.runs,
-        scenarios
-            .iter()
-            .map(|s| s.name())
-            .collect::<Vec<_>>()
-            .join(", ")
+        scenarios.iter().map(|s| s.name()).collect::<Vec<_>>().join(", ")
     );
     let image = crate::backends::prepare(&host, &args.backends)?;
 
@@ -170,12 +156,7 @@ pub fn run(args: Args) -> Result<()> {
             host::sync_host()?;
             let (record, commands) = measure(scenario, &settings, &image, &args.backends.qsd, round)
                 .with_context(|| format!("{} run {round} of {}", scenario.name(), args.runs))?;
-            println!(
-                "[{} {round}/{}] {}",
-                scenario.name(),
-                args.runs,
-                record.figures.one_line()
-            );
+            println!("[{} {round}/{}] {}", scenario.name(), args.runs, record.figures.one_line());
             if qsd_commands.is_empty() {
                 qsd_commands = commands;
             }
@@ -195,19 +176,12 @@ pub fn run(args: Args) -> Result<()> {
         .iter()
         .filter(|s| s.measured())
         .map(|&scenario| {
-            let figures: Vec<RunFigures> = runs
-                .iter()
-                .filter(|r| r.scenario == scenario)
-                .map(|r| r.figures)
-                .collect();
+            let figures: Vec<RunFigures> = runs.iter().filter(|r| r.scenario == scenario).map(|r| r.figures).collect();
             summary::summarize(scenario, &figures)
         })
         .collect();
     for postcopy in [false, true] {
-        let columns: Vec<&ScenarioSummary> = summary
-            .iter()
-            .filter(|s| s.scenario.postcopy() == postcopy)
-            .collect();
+        let columns: Vec<&ScenarioSummary> = summary.iter().filter(|s| s.scenario.postcopy() == postcopy).collect();
         if !columns.is_empty() {
             println!("\n{}", summary::table(&columns));
         }
@@ -275,13 +249,7 @@ fn link(bed: &dyn Testbed, scenario: Scenario, settings: &Settings) -> Result<Op
     if let Some(rate) = &settings.link_rate {
         bed.hosts().limit_bandwidth(rate)?;
     }
-    scenario
-        .delayed()
-        .then(|| {
-            bed.hosts()
-                .delay_relay(PORT, Duration::from_millis(settings.delay_ms))
-        })
-        .transpose()
+    scenario.delayed().then(|| bed.hosts().delay_relay(PORT, Duration::from_millis(settings.delay_ms))).transpose()
 }
 
 /// One measured run of `scenario`.
@@ -300,8 +268,7 @@ fn measure(
         Ok(report) => report.clone(),
         Err(e) => anyhow::bail!("the migration failed: {e:#}; {}", bed.diagnostics()),
     };
-    let figures =
-        RunFigures::new(&report, &migrated, settings.blocks).with_context(|| bed.diagnostics())?;
+    let figures = RunFigures::new(&report, &migrated, settings.blocks).with_context(|| bed.diagnostics())?;
     let record = RunRecord {
         scenario,
         round,

@@ -60,10 +60,7 @@ impl QsdHost {
             .with_context(|| format!("starting the {side} qemu-storage-daemon"))?;
         let mut qemu_args = qsd_qemu_args(machine, &socket, &serial);
         let qmp_path = qmp.to_string_lossy();
-        qemu_args.extend([
-            "-qmp".into(),
-            format!("unix:{},server=on,wait=off", qemu_opt_value(&qmp_path)),
-        ]);
+        qemu_args.extend(["-qmp".into(), format!("unix:{},server=on,wait=off", qemu_opt_value(&qmp_path))]);
         if incoming {
             qemu_args.extend(["-incoming".into(), "defer".into()]);
         }
@@ -73,23 +70,13 @@ impl QsdHost {
             shell_join(std::iter::once(qsd.display().to_string()).chain(daemon_args)),
             shell_join(std::iter::once(QEMU.to_string()).chain(qemu_args)),
         ];
-        Ok(QsdHost {
-            qemu,
-            daemon,
-            serial,
-            qmp,
-            qemu_log,
-            daemon_log,
-            commands,
-        })
+        Ok(QsdHost { qemu, daemon, serial, qmp, qemu_log, daemon_log, commands })
     }
 
     fn connect_qmp(&mut self) -> Result<QmpClient> {
         let qemu = &mut self.qemu;
-        QmpClient::connect_while(&self.qmp, QMP_CONNECT_TIMEOUT, || {
-            matches!(qemu.try_wait(), Ok(None))
-        })
-        .with_context(|| format!("QMP of QEMU; its output:\n{}", read(&self.qemu_log)))
+        QmpClient::connect_while(&self.qmp, QMP_CONNECT_TIMEOUT, || matches!(qemu.try_wait(), Ok(None)))
+            .with_context(|| format!("QMP of QEMU; its output:\n{}", read(&self.qemu_log)))
     }
 }
 
@@ -111,12 +98,7 @@ impl QsdPair {
     /// Creates the hosts and a fresh image, starts both daemons, boots the
     /// source guest with `settings`' seqio workload and starts the
     /// destination QEMU.
-    pub fn start(
-        settings: &Settings,
-        image: &GuestImage,
-        qsd: &Path,
-        seed: u64,
-    ) -> Result<QsdPair> {
+    pub fn start(settings: &Settings, image: &GuestImage, qsd: &Path, seed: u64) -> Result<QsdPair> {
         let hosts = HostPair::create()?;
         let dir = ScratchDir::new("gmem-bench-qsd-migration")?;
         let disk = dir.join("disk.raw");
@@ -124,20 +106,10 @@ impl QsdPair {
         let params = settings.agent_params(seed);
         let refs: Vec<(&str, &str)> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let append = agent_append("seqio", &refs);
-        let machine = Machine {
-            memory_mib: settings.memory_mib,
-            cpus: 1,
-            image,
-            append: &append,
-        };
+        let machine = Machine { memory_mib: settings.memory_mib, cpus: 1, image, append: &append };
         let source = QsdHost::start("src", hosts.src_ns(), false, &disk, &machine, qsd, &dir)?;
         let dest = QsdHost::start("dst", hosts.dst_ns(), true, &disk, &machine, qsd, &dir)?;
-        Ok(QsdPair {
-            source,
-            dest,
-            hosts,
-            _dir: dir,
-        })
+        Ok(QsdPair { source, dest, hosts, _dir: dir })
     }
 
     /// The command lines of the source's daemon and QEMU (the destination's

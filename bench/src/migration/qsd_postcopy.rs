@@ -45,13 +45,9 @@ pub struct QsdPostcopy {
 impl QsdPostcopy {
     /// Collects the evidence of `migrated` on `pair`.
     pub fn record(pair: &mut QsdPair, migrated: &Migrated) -> QsdPostcopy {
-        let since =
-            |at: Instant| at.saturating_duration_since(migrated.started).as_secs_f64() * 1e3;
+        let since = |at: Instant| at.saturating_duration_since(migrated.started).as_secs_f64() * 1e3;
         let (migration, destination_run_state) = match &migrated.report {
-            Ok(report) => (
-                "completed".into(),
-                Some(report.destination_run_state.clone()),
-            ),
+            Ok(report) => ("completed".into(), Some(report.destination_run_state.clone())),
             Err(e) => (format!("{e:#}"), None),
         };
         let on_destination: Vec<_> = migrated.timeline.0.iter().filter(|s| s.file == 1).collect();
@@ -85,23 +81,17 @@ impl QsdPostcopy {
 
     /// One paragraph for the console.
     pub fn describe(&self) -> String {
-        let last = self
-            .last_progress_ms
-            .map_or(String::new(), |ms| format!(", the last at {ms:.0} ms"));
+        let last = self.last_progress_ms.map_or(String::new(), |ms| format!(", the last at {ms:.0} ms"));
         format!(
             "postcopy-qsd (once): migration {} at {:.0} ms (destination {}); the guest printed {} \
              progress line(s) on the destination{last}, none from then until {:.0} ms; destination \
              qemu-storage-daemon {}.\n  its output: {}\n  destination QEMU: {}",
             self.migration,
             self.ended_ms,
-            self.destination_run_state
-                .as_deref()
-                .unwrap_or("not running"),
+            self.destination_run_state.as_deref().unwrap_or("not running"),
             self.destination_progress_lines,
             self.watched_ms,
-            self.destination_qsd_exit
-                .as_deref()
-                .map_or("still running".to_string(), |s| format!("exited ({s})")),
+            self.destination_qsd_exit.as_deref().map_or("still running".to_string(), |s| format!("exited ({s})")),
             self.destination_qsd_log.join("\n    "),
             self.destination_qemu_log.join("\n    ")
         )

@@ -6,9 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use gmem_protocol::MigrationInfo;
-use gmem_qemu::migration::{
-    prepare_destination, Endpoint, Migration, MigrationOptions as Plan, MigrationReport,
-};
+use gmem_qemu::migration::{prepare_destination, Endpoint, Migration, MigrationOptions as Plan, MigrationReport};
 use gmem_tests::console::{ProgressGap, ProgressStamp};
 use gmem_tests::seqio::PROGRESS_KEY;
 use gmem_tests::{ProgressClock, ProgressTimeline};
@@ -49,11 +47,7 @@ impl Migrated {
     /// I/O on the destination. `None` if it printed none within
     /// [`RESUME_TIMEOUT`].
     pub fn resumed(&self) -> Option<ProgressStamp> {
-        self.timeline
-            .0
-            .iter()
-            .find(|stamp| stamp.at > self.finished)
-            .copied()
+        self.timeline.0.iter().find(|stamp| stamp.at > self.finished).copied()
     }
 
     /// The gaps between progress lines from `migrate` to the first line
@@ -67,10 +61,7 @@ impl Migrated {
     /// gmemd's first, µs, from [`gmemd_after`](Self::gmemd_after).
     pub fn device_io_gap_us(&self) -> Option<u64> {
         let (source, dest) = self.gmemd_after.as_ref()?;
-        let (last, first) = (
-            source.device_io.last_completion_us,
-            dest.device_io.first_completion_us,
-        );
+        let (last, first) = (source.device_io.last_completion_us, dest.device_io.first_completion_us);
         (last > 0 && first > last).then(|| first - last)
     }
 }
@@ -82,21 +73,10 @@ impl Migrated {
 /// watches longer). A failed migration is returned in
 /// [`Migrated::report`]; a guest that never reaches `start_at` or a QEMU
 /// that cannot be reached is an error.
-pub fn migrate(
-    bed: &mut dyn Testbed,
-    plan: &Plan,
-    start_at: u64,
-    linger: Duration,
-) -> Result<Migrated> {
+pub fn migrate(bed: &mut dyn Testbed, plan: &Plan, start_at: u64, linger: Duration) -> Result<Migrated> {
     let clock = ProgressClock::start(bed.consoles(), PROGRESS_KEY, CONSOLE_POLL)?;
-    if clock
-        .wait_for(BOOT_TIMEOUT, |stamp| stamp.count >= start_at)
-        .is_none()
-    {
-        anyhow::bail!(
-            "the guest did not write {start_at} blocks within {BOOT_TIMEOUT:?}; {}",
-            bed.diagnostics()
-        );
+    if clock.wait_for(BOOT_TIMEOUT, |stamp| stamp.count >= start_at).is_none() {
+        anyhow::bail!("the guest did not write {start_at} blocks within {BOOT_TIMEOUT:?}; {}", bed.diagnostics());
     }
     let (mut src_qmp, mut dst_qmp) = bed.qmp()?;
     let mut gmemd = bed.gmemd()?;
@@ -120,12 +100,5 @@ pub fn migrate(
         None => None,
     };
     let timeline = clock.stop()?;
-    Ok(Migrated {
-        report,
-        timeline,
-        started,
-        finished,
-        watched_until: Instant::now(),
-        gmemd_after,
-    })
+    Ok(Migrated { report, timeline, started, finished, watched_until: Instant::now(), gmemd_after })
 }

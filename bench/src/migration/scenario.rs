@@ -74,29 +74,19 @@ impl Scenario {
     /// What serves the disk.
     pub fn backend(self) -> Backend {
         match self {
-            Scenario::PrecopyQsdDirect | Scenario::PrecopyQsdDelayed | Scenario::PostcopyQsd => {
-                Backend::Qsd
-            }
+            Scenario::PrecopyQsdDirect | Scenario::PrecopyQsdDelayed | Scenario::PostcopyQsd => Backend::Qsd,
             _ => Backend::Gmemd,
         }
     }
 
     /// Whether it switches to postcopy.
     pub fn postcopy(self) -> bool {
-        matches!(
-            self,
-            Scenario::PostcopyGmemdDirect | Scenario::PostcopyGmemdDelayed | Scenario::PostcopyQsd
-        )
+        matches!(self, Scenario::PostcopyGmemdDirect | Scenario::PostcopyGmemdDelayed | Scenario::PostcopyQsd)
     }
 
     /// Whether the stream goes through the delaying relay.
     pub fn delayed(self) -> bool {
-        matches!(
-            self,
-            Scenario::PrecopyGmemdDelayed
-                | Scenario::PrecopyQsdDelayed
-                | Scenario::PostcopyGmemdDelayed
-        )
+        matches!(self, Scenario::PrecopyGmemdDelayed | Scenario::PrecopyQsdDelayed | Scenario::PostcopyGmemdDelayed)
     }
 
     /// Whether it yields figures (measured `--runs` times); the one that
@@ -118,9 +108,7 @@ impl Scenario {
         plan.timeout = Duration::from_secs(settings.timeout_secs);
         if self.postcopy() {
             plan.max_bandwidth = Some(settings.postcopy_precopy_mib_s << 20);
-            plan.postcopy = Some(SwitchToPostcopy::After(Duration::from_millis(
-                settings.switch_after_ms,
-            )));
+            plan.postcopy = Some(SwitchToPostcopy::After(Duration::from_millis(settings.switch_after_ms)));
         }
         plan
     }
@@ -133,24 +121,14 @@ mod tests {
     #[test]
     fn names_are_the_command_line_values() {
         for scenario in Scenario::ALL {
-            assert_eq!(
-                Scenario::from_str(scenario.name(), false),
-                Ok(scenario),
-                "{scenario:?}"
-            );
-            assert_eq!(
-                serde_json::to_value(scenario).ok(),
-                Some(serde_json::Value::from(scenario.name()))
-            );
+            assert_eq!(Scenario::from_str(scenario.name(), false), Ok(scenario), "{scenario:?}");
+            assert_eq!(serde_json::to_value(scenario).ok(), Some(serde_json::Value::from(scenario.name())));
         }
     }
 
     #[test]
     fn only_qsd_postcopy_is_unmeasured() {
-        let unmeasured: Vec<Scenario> = Scenario::ALL
-            .into_iter()
-            .filter(|s| !s.measured())
-            .collect();
+        let unmeasured: Vec<Scenario> = Scenario::ALL.into_iter().filter(|s| !s.measured()).collect();
         assert_eq!(unmeasured, [Scenario::PostcopyQsd]);
         assert!(Scenario::PostcopyQsd.postcopy() && !Scenario::PostcopyQsd.delayed());
         assert_eq!(Scenario::PrecopyQsdDelayed.backend(), Backend::Qsd);

@@ -83,10 +83,7 @@ impl Settings {
             self.stride,
             self.blocks
         );
-        ensure!(
-            self.start_at < self.blocks,
-            "--start-at must be below --blocks"
-        );
+        ensure!(self.start_at < self.blocks, "--start-at must be below --blocks");
         ensure!(
             self.slot_bytes() <= (self.memory_mib << 20) / 2,
             "--blocks {} need {} MiB of slots: more than half of --memory-mib",
@@ -118,9 +115,7 @@ mod tests {
 
     fn settings(args: &[&str]) -> Settings {
         let argv = std::iter::once("test").chain(args.iter().copied());
-        Cli::try_parse_from(argv)
-            .map(|cli| cli.settings)
-            .expect("valid arguments")
+        Cli::try_parse_from(argv).map(|cli| cli.settings).expect("valid arguments")
     }
 
     #[test]
@@ -135,12 +130,8 @@ mod tests {
     #[test]
     fn bad_combinations_are_refused() {
         assert!(settings(&["--stride", "4096"]).check().is_err());
-        assert!(settings(&["--blocks", "1000", "--start-at", "1000"])
-            .check()
-            .is_err());
+        assert!(settings(&["--blocks", "1000", "--start-at", "1000"]).check().is_err());
         assert!(settings(&["--memory-mib", "1024"]).check().is_err());
-        assert!(settings(&["--memory-mib", "1024", "--blocks", "131071"])
-            .check()
-            .is_ok());
+        assert!(settings(&["--memory-mib", "1024", "--blocks", "131071"]).check().is_ok());
     }
 }

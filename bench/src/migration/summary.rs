@@ -23,32 +23,17 @@ impl Figure {
         get: fn(&RunFigures) -> Option<f64>,
         decimals: usize,
     ) -> Figure {
-        Figure {
-            name,
-            unit,
-            get,
-            decimals,
-        }
+        Figure { name, unit, get, decimals }
     }
 }
 
 /// Every figure, in table order.
 pub const FIGURES: [Figure; 15] = [
     Figure::new("QEMU total-time", "ms", |f| Some(f.total_time_ms), 0),
-    Figure::new(
-        "migrate → guest I/O on destination",
-        "ms",
-        |f| Some(f.to_destination_ms),
-        0,
-    ),
+    Figure::new("migrate → guest I/O on destination", "ms", |f| Some(f.to_destination_ms), 0),
     Figure::new("QEMU downtime", "ms", |f| Some(f.downtime_ms), 0),
     Figure::new("guest-visible stall", "ms", |f| Some(f.stall_ms), 1),
-    Figure::new(
-        "progress line interval",
-        "ms",
-        |f| Some(f.line_interval_ms),
-        2,
-    ),
+    Figure::new("progress line interval", "ms", |f| Some(f.line_interval_ms), 2),
     Figure::new("device I/O gap (gmemd)", "ms", |f| f.device_io_gap_ms, 1),
     Figure::new("RAM sent", "MiB", |f| Some(f.transferred_mib), 0),
     Figure::new("device postcopy faults", "pages", |f| f.device_faults, 0),
@@ -56,24 +41,9 @@ pub const FIGURES: [Figure; 15] = [
     Figure::new("device fault-to-wake p99", "µs", |f| f.fault_p99_us, 0),
     Figure::new("device fault-to-wake max", "µs", |f| f.fault_max_us, 0),
     Figure::new("QEMU postcopy-blocktime", "ms", |f| f.blocktime_ms, 0),
-    Figure::new(
-        "QEMU postcopy-requests",
-        "pages",
-        |f| f.postcopy_requests,
-        0,
-    ),
-    Figure::new(
-        "QEMU blocktime / request",
-        "ms",
-        |f| f.blocktime_per_request_ms,
-        2,
-    ),
-    Figure::new(
-        "QEMU blocktime / non-device request",
-        "ms",
-        |f| f.blocktime_per_vcpu_request_ms,
-        1,
-    ),
+    Figure::new("QEMU postcopy-requests", "pages", |f| f.postcopy_requests, 0),
+    Figure::new("QEMU blocktime / request", "ms", |f| f.blocktime_per_request_ms, 2),
+    Figure::new("QEMU blocktime / non-device request", "ms", |f| f.blocktime_per_vcpu_request_ms, 1),
 ];
 
 /// One figure over a scenario's runs.
@@ -103,28 +73,17 @@ pub fn summarize(scenario: Scenario, runs: &[RunFigures]) -> ScenarioSummary {
             stats: Stats::of(runs.iter().filter_map(figure.get).collect()),
         })
         .collect();
-    ScenarioSummary {
-        scenario,
-        runs: runs.len(),
-        figures,
-    }
+    ScenarioSummary { scenario, runs: runs.len(), figures }
 }
 
 /// A Markdown table: one row per figure that applies to any of `columns`,
 /// one column per scenario, each cell `median (min–max)`.
 pub fn table(columns: &[&ScenarioSummary]) -> String {
     let mut rows = vec![std::iter::once("figure".to_string())
-        .chain(
-            columns
-                .iter()
-                .map(|c| format!("{} (n={})", c.scenario.name(), c.runs)),
-        )
+        .chain(columns.iter().map(|c| format!("{} (n={})", c.scenario.name(), c.runs)))
         .collect::<Vec<_>>()];
     for (i, figure) in FIGURES.iter().enumerate() {
-        let cells: Vec<Option<&Stats>> = columns
-            .iter()
-            .map(|c| c.figures[i].stats.as_ref())
-            .collect();
+        let cells: Vec<Option<&Stats>> = columns.iter().map(|c| c.figures[i].stats.as_ref()).collect();
         if cells.iter().all(Option::is_none) {
             continue;
         }
@@ -137,14 +96,8 @@ pub fn table(columns: &[&ScenarioSummary]) -> String {
         }));
         rows.push(row);
     }
-    let widths: Vec<usize> = (0..rows[0].len())
-        .map(|col| {
-            rows.iter()
-                .map(|r| r[col].chars().count())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
+    let widths: Vec<usize> =
+        (0..rows[0].len()).map(|col| rows.iter().map(|r| r[col].chars().count()).max().unwrap_or(0)).collect();
     let mut out = String::new();
     for (n, row) in rows.iter().enumerate() {
         let cells: Vec<String> = row
@@ -206,37 +159,18 @@ mod tests {
     fn table_rows_columns_and_ranges() {
         let a = summarize(
             Scenario::PostcopyGmemdDirect,
-            &[
-                run(1000.0, Some(3.0)),
-                run(3000.0, Some(5.0)),
-                run(2000.0, Some(4.0)),
-            ],
+            &[run(1000.0, Some(3.0)), run(3000.0, Some(5.0)), run(2000.0, Some(4.0))],
         );
         let b = summarize(Scenario::PrecopyQsdDirect, &[run(1500.0, None)]);
         let text = table(&[&a, &b]);
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[0].starts_with("| figure "), "{text}");
         assert!(lines[0].contains("postcopy-gmemd-direct (n=3)"), "{text}");
-        assert!(
-            lines[1].starts_with("|---") && lines[1].ends_with(":|"),
-            "{text}"
-        );
-        let total = lines
-            .iter()
-            .find(|l| l.contains("QEMU total-time"))
-            .expect("a total row");
-        assert!(
-            total.contains(" 2000 (1000–3000) | ") && total.ends_with(" 1500 |"),
-            "{text}"
-        );
-        let faults = lines
-            .iter()
-            .find(|l| l.contains("device postcopy faults"))
-            .expect("a faults row");
-        assert!(
-            faults.contains("4 (3–5)") && faults.trim_end().ends_with("– |"),
-            "{text}"
-        );
+        assert!(lines[1].starts_with("|---") && lines[1].ends_with(":|"), "{text}");
+        let total = lines.iter().find(|l| l.contains("QEMU total-time")).expect("a total row");
+        assert!(total.contains(" 2000 (1000–3000) | ") && total.ends_with(" 1500 |"), "{text}");
+        let faults = lines.iter().find(|l| l.contains("device postcopy faults")).expect("a faults row");
+        assert!(faults.contains("4 (3–5)") && faults.trim_end().ends_with("– |"), "{text}");
         // No run has a fault latency: no row.
         assert!(!text.contains("fault-to-wake"), "{text}");
         // Every line is as wide as the first.

@@ -35,10 +35,7 @@ impl Testbed for MigrationPair {
     }
 
     fn consoles(&self) -> Vec<PathBuf> {
-        vec![
-            self.source_vm.serial_path().to_owned(),
-            self.dest_vm.serial_path().to_owned(),
-        ]
+        vec![self.source_vm.serial_path().to_owned(), self.dest_vm.serial_path().to_owned()]
     }
 
     fn qmp(&mut self) -> Result<(QmpClient, QmpClient)> {

@@ -268,11 +268,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
 fn launch(cmd: QemuCommand, temporary_qmp: bool) -> Result<ExitCode> {
     // A QMP socket is always there, so the VM can be inspected or stopped
     // while it runs; the temporary one goes away with its directory.
-    let qmp_dir = if temporary_qmp {
-        Some(tempfile::Builder::new().prefix("gmemctl-").tempdir()?)
-    } else {
-        None
-    };
+    let qmp_dir = if temporary_qmp { Some(tempfile::Builder::new().prefix("gmemctl-").tempdir()?) } else { None };
     let cmd = match &qmp_dir {
         Some(dir) => cmd.qmp(dir.path().join("qmp.sock")),
         None => cmd,
@@ -292,10 +288,7 @@ fn launch(cmd: QemuCommand, temporary_qmp: bool) -> Result<ExitCode> {
     let status = qemu.wait().context("waiting for QEMU")?;
     log::info!("QEMU exited: {status}");
     // Shells report death by signal N as 128 + N; do the same.
-    let code = status
-        .code()
-        .or_else(|| status.signal().map(|signal| 128 + signal))
-        .unwrap_or(1);
+    let code = status.code().or_else(|| status.signal().map(|signal| 128 + signal)).unwrap_or(1);
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
 }
 
@@ -344,8 +337,7 @@ fn stop_qemu() {
 /// the wait for QEMU (which may be blocked connecting to gmemd meanwhile).
 fn report_run_state(qmp: PathBuf) {
     std::thread::spawn(move || {
-        let state = QmpClient::connect(&qmp, Duration::from_secs(10))
-            .and_then(|mut client| client.query_status());
+        let state = QmpClient::connect(&qmp, Duration::from_secs(10)).and_then(|mut client| client.query_status());
         match state {
             Ok(state) => log::info!("guest is {state}"),
             Err(e) => log::debug!("no run state from {}: {e}", qmp.display()),

@@ -48,9 +48,7 @@ impl FromStr for SerialSink {
             "none" => Ok(SerialSink::None),
             _ => match s.strip_prefix("file:") {
                 Some(path) if !path.is_empty() => Ok(SerialSink::File(path.into())),
-                _ => Err(format!(
-                    "unknown serial sink {s:?}: use stdio, none or file:PATH"
-                )),
+                _ => Err(format!("unknown serial sink {s:?}: use stdio, none or file:PATH")),
             },
         }
     }

@@ -46,10 +46,7 @@ pub(super) fn validate_regions(regions: &[RegionInfo]) -> Result<(), CmdlineErro
         if !is_qemu_id(&region.id) {
             return Err(CmdlineError::InvalidRegionId { id: id() });
         }
-        if regions[..index]
-            .iter()
-            .any(|earlier| earlier.id == region.id)
-        {
+        if regions[..index].iter().any(|earlier| earlier.id == region.id) {
             return Err(CmdlineError::DuplicateRegionId { id: id() });
         }
         if region.size == 0 {
@@ -58,9 +55,7 @@ pub(super) fn validate_regions(regions: &[RegionInfo]) -> Result<(), CmdlineErro
         if region.fd_path.is_empty() {
             return Err(CmdlineError::EmptyFdPath { id: id() });
         }
-        total = total
-            .checked_add(region.size)
-            .ok_or(CmdlineError::TotalSizeOverflow)?;
+        total = total.checked_add(region.size).ok_or(CmdlineError::TotalSizeOverflow)?;
     }
     Ok(())
 }

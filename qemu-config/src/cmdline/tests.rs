@@ -13,18 +13,14 @@ fn region(id: &str, size: u64, fd: u32) -> RegionInfo {
 
 /// The values following each occurrence of `option`.
 fn value_of<'a>(args: &'a [String], option: &str) -> Vec<&'a str> {
-    args.windows(2)
-        .filter(|pair| pair[0] == option)
-        .map(|pair| pair[1].as_str())
-        .collect()
+    args.windows(2).filter(|pair| pair[0] == option).map(|pair| pair[1].as_str()).collect()
 }
 
 const MIB: u64 = 1 << 20;
 
 #[test]
 fn single_region_is_main_ram() {
-    let cmd = QemuCommand::new(&[region("ram0", 256 * MIB, 3)], "/run/gmemd/vhost.sock", 2)
-        .expect("valid");
+    let cmd = QemuCommand::new(&[region("ram0", 256 * MIB, 3)], "/run/gmemd/vhost.sock", 2).expect("valid");
     let args = cmd.to_args();
     assert_eq!(value_of(&args, "-machine"), ["pc,memory-backend=ram0"]);
     assert_eq!(value_of(&args, "-m"), ["268435456B"]);
@@ -32,14 +28,8 @@ fn single_region_is_main_ram() {
         value_of(&args, "-object"),
         ["memory-backend-file,id=ram0,share=on,size=268435456,mem-path=/proc/42/fd/3"]
     );
-    assert_eq!(
-        value_of(&args, "-device"),
-        ["vhost-user-blk-pci,chardev=gmemd0,num-queues=2"]
-    );
-    assert_eq!(
-        value_of(&args, "-chardev"),
-        ["socket,id=gmemd0,path=/run/gmemd/vhost.sock,reconnect-ms=1000"]
-    );
+    assert_eq!(value_of(&args, "-device"), ["vhost-user-blk-pci,chardev=gmemd0,num-queues=2"]);
+    assert_eq!(value_of(&args, "-chardev"), ["socket,id=gmemd0,path=/run/gmemd/vhost.sock,reconnect-ms=1000"]);
     for flag in ["-nodefaults", "-no-reboot"] {
         assert!(args.iter().any(|a| a == flag), "{flag} missing");
     }
@@ -52,28 +42,16 @@ fn single_region_is_main_ram() {
 
 #[test]
 fn further_regions_are_dimms() {
-    let regions = [
-        region("ram0", 512 * MIB, 3),
-        region("ram1", 128 * MIB, 4),
-        region("ram2", 256 * MIB, 5),
-    ];
-    let args = QemuCommand::new(&regions, "/s", 1)
-        .expect("valid")
-        .to_args();
+    let regions = [region("ram0", 512 * MIB, 3), region("ram1", 128 * MIB, 4), region("ram2", 256 * MIB, 5)];
+    let args = QemuCommand::new(&regions, "/s", 1).expect("valid").to_args();
     assert_eq!(value_of(&args, "-machine"), ["pc,memory-backend=ram0"]);
-    assert_eq!(
-        value_of(&args, "-m"),
-        [format!("{}B,slots=2,maxmem={}B", 512 * MIB, 896 * MIB)]
-    );
+    assert_eq!(value_of(&args, "-m"), [format!("{}B,slots=2,maxmem={}B", 512 * MIB, 896 * MIB)]);
     let objects = value_of(&args, "-object");
     assert_eq!(objects.len(), 3);
     assert!(objects[2].starts_with("memory-backend-file,id=ram2,share=on,size=268435456,"));
     assert_eq!(
         value_of(&args, "-device")[..2],
-        [
-            "pc-dimm,id=dimm-ram1,memdev=ram1",
-            "pc-dimm,id=dimm-ram2,memdev=ram2"
-        ]
+        ["pc-dimm,id=dimm-ram1,memdev=ram1", "pc-dimm,id=dimm-ram2,memdev=ram2"]
     );
 }
 
@@ -100,16 +78,10 @@ fn accelerators_and_options() {
     assert_eq!(value_of(&args, "-accel"), ["kvm"]);
     assert_eq!(value_of(&args, "-cpu"), ["host"]);
     assert_eq!(value_of(&args, "-smp"), ["4"]);
-    assert_eq!(
-        value_of(&args, "-machine"),
-        ["pc,memory-backend=ram0,aux-ram-share=on"]
-    );
+    assert_eq!(value_of(&args, "-machine"), ["pc,memory-backend=ram0,aux-ram-share=on"]);
     // `-serial file:` is not QemuOpts-parsed (comma kept); `-qmp unix:` is.
     assert_eq!(value_of(&args, "-serial"), ["file:/tmp/a,b/serial.log"]);
-    assert_eq!(
-        value_of(&args, "-qmp"),
-        ["unix:/tmp/q,,1.sock,server=on,wait=off"]
-    );
+    assert_eq!(value_of(&args, "-qmp"), ["unix:/tmp/q,,1.sock,server=on,wait=off"]);
     assert_eq!(value_of(&args, "-kernel"), ["/k"]);
     assert_eq!(value_of(&args, "-initrd"), ["/i"]);
     assert_eq!(value_of(&args, "-append"), ["console=ttyS0 quiet"]);
@@ -126,13 +98,8 @@ fn display_is_shell_quoted() {
         .qemu_binary("/opt/qemu/bin/qemu-system-x86_64");
     let line = cmd.to_string();
     assert!(line.starts_with("/opt/qemu/bin/qemu-system-x86_64 -nodefaults -no-reboot "));
-    assert!(
-        line.contains(" -chardev 'socket,id=gmemd0,path=/run/my vm/vhost.sock,reconnect-ms=1000' ")
-    );
-    assert!(
-        line.ends_with(r" -append 'console=ttyS0 it'\''s'"),
-        "{line}"
-    );
+    assert!(line.contains(" -chardev 'socket,id=gmemd0,path=/run/my vm/vhost.sock,reconnect-ms=1000' "));
+    assert!(line.ends_with(r" -append 'console=ttyS0 it'\''s'"), "{line}");
     assert!(line.contains(" -m 1048576B "));
 }
 
@@ -140,9 +107,7 @@ fn display_is_shell_quoted() {
 fn paths_with_commas_are_escaped_for_qemu() {
     let mut odd = region("ram0", MIB, 3);
     odd.fd_path = "/tmp/a,b".into();
-    let args = QemuCommand::new(&[odd], "/tmp/c,d.sock", 1)
-        .expect("valid")
-        .to_args();
+    let args = QemuCommand::new(&[odd], "/tmp/c,d.sock", 1).expect("valid").to_args();
     assert!(value_of(&args, "-object")[0].ends_with(",mem-path=/tmp/a,,b"));
     assert!(value_of(&args, "-chardev")[0].contains(",path=/tmp/c,,d.sock,"));
 }
@@ -152,37 +117,22 @@ fn invalid_inputs_are_typed_errors() {
     let ok = region("ram0", MIB, 3);
     let err = |regions: &[RegionInfo], queues| QemuCommand::new(regions, "/s", queues).err();
     assert!(matches!(err(&[], 1), Some(CmdlineError::NoRegions)));
-    assert!(matches!(
-        err(std::slice::from_ref(&ok), 0),
-        Some(CmdlineError::ZeroQueues)
-    ));
+    assert!(matches!(err(std::slice::from_ref(&ok), 0), Some(CmdlineError::ZeroQueues)));
     assert!(matches!(
         err(&[region("ram0", 0, 3)], 1),
         Some(CmdlineError::ZeroSize { id }) if id == "ram0"
     ));
     for bad in ["", "0ram", "ram 0", "ram,0", "räm"] {
         assert!(
-            matches!(
-                err(&[region(bad, MIB, 3)], 1),
-                Some(CmdlineError::InvalidRegionId { .. })
-            ),
+            matches!(err(&[region(bad, MIB, 3)], 1), Some(CmdlineError::InvalidRegionId { .. })),
             "{bad:?} accepted"
         );
     }
-    assert!(matches!(
-        err(&[ok.clone(), region("ram0", MIB, 4)], 1),
-        Some(CmdlineError::DuplicateRegionId { .. })
-    ));
+    assert!(matches!(err(&[ok.clone(), region("ram0", MIB, 4)], 1), Some(CmdlineError::DuplicateRegionId { .. })));
     let mut no_path = ok.clone();
     no_path.fd_path.clear();
-    assert!(matches!(
-        err(&[no_path], 1),
-        Some(CmdlineError::EmptyFdPath { .. })
-    ));
-    assert!(matches!(
-        err(&[ok, region("ram1", u64::MAX, 4)], 1),
-        Some(CmdlineError::TotalSizeOverflow)
-    ));
+    assert!(matches!(err(&[no_path], 1), Some(CmdlineError::EmptyFdPath { .. })));
+    assert!(matches!(err(&[ok, region("ram1", u64::MAX, 4)], 1), Some(CmdlineError::TotalSizeOverflow)));
 }
 
 #[test]

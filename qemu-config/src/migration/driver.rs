@@ -7,9 +7,9 @@ use gmem_protocol::{ControlClient, MigrationInfo};
 use serde_json::{json, Map, Value};
 
 use super::{
-    poll_until, query_migrate, set_capabilities, wait_for_status, Endpoint, MigrationError,
-    MigrationOptions, MigrationReport, MigrationStatus, Progress, QemuMigrationInfo, Side,
-    SwitchToPostcopy, POLL_INTERVAL, STATE_CHANGE_TIMEOUT,
+    poll_until, query_migrate, set_capabilities, wait_for_status, Endpoint, MigrationError, MigrationOptions,
+    MigrationReport, MigrationStatus, Progress, QemuMigrationInfo, Side, SwitchToPostcopy, POLL_INTERVAL,
+    STATE_CHANGE_TIMEOUT,
 };
 use crate::qmp::{QmpClient, QmpError};
 
@@ -46,12 +46,10 @@ impl Migration {
         set("max-postcopy-bandwidth", options.max_postcopy_bandwidth);
         set("downtime-limit", options.downtime_limit_ms);
         if !parameters.is_empty() {
-            src.execute("migrate-set-parameters", Value::Object(parameters))
-                .map_err(MigrationError::qmp(side))?;
+            src.execute("migrate-set-parameters", Value::Object(parameters)).map_err(MigrationError::qmp(side))?;
         }
         let started = Instant::now();
-        src.execute("migrate", json!({ "uri": options.connect_uri }))
-            .map_err(MigrationError::qmp(side))?;
+        src.execute("migrate", json!({ "uri": options.connect_uri })).map_err(MigrationError::qmp(side))?;
         Ok(Migration {
             options: options.clone(),
             started,
@@ -69,18 +67,12 @@ impl Migration {
         let info = query_migrate(src, Side::Source)?;
         let status = info.status();
         if status == MigrationStatus::None || status.is_finished() {
-            return Err(MigrationError::WrongStatus {
-                side: Side::Source,
-                status,
-                expected: "in progress".into(),
-            });
+            return Err(MigrationError::WrongStatus { side: Side::Source, status, expected: "in progress".into() });
         }
         let running_for = Duration::from_millis(info.total_time.unwrap_or(0));
         Ok(Migration {
             options: options.clone(),
-            started: Instant::now()
-                .checked_sub(running_for)
-                .unwrap_or_else(Instant::now),
+            started: Instant::now().checked_sub(running_for).unwrap_or_else(Instant::now),
             postcopy_requested: None,
             entered_postcopy: status.is_postcopy(),
             postcopy_downtime: None,
@@ -98,8 +90,7 @@ impl Migration {
     /// its device state, and the guest resumes on the destination, which
     /// fetches missing pages on demand. Needs [`MigrationOptions::postcopy`].
     pub fn switch_to_postcopy(&mut self, src: &mut QmpClient) -> Result<(), MigrationError> {
-        src.execute("migrate-start-postcopy", Value::Null)
-            .map_err(MigrationError::qmp(Side::Source))?;
+        src.execute("migrate-start-postcopy", Value::Null).map_err(MigrationError::qmp(Side::Source))?;
         self.postcopy_requested = Some(self.started.elapsed());
         Ok(())
     }
@@ -119,14 +110,8 @@ impl Migration {
         destination: Endpoint<'_>,
         mut on_progress: impl FnMut(&Progress),
     ) -> Result<MigrationReport, MigrationError> {
-        let Endpoint {
-            qmp: src,
-            gmemd: mut src_gmemd,
-        } = source;
-        let Endpoint {
-            qmp: dst,
-            gmemd: mut dst_gmemd,
-        } = destination;
+        let Endpoint { qmp: src, gmemd: mut src_gmemd } = source;
+        let Endpoint { qmp: dst, gmemd: mut dst_gmemd } = destination;
         let deadline = self.started + self.options.timeout;
         let (progress, src_info) = loop {
             let (mut progress, info) = self.look(src)?;
@@ -140,20 +125,13 @@ impl Migration {
                     // by default it exits when an incoming migration fails.
                     let destination_error = match query_migrate(dst, Side::Destination) {
                         Ok(info) => info.error_desc,
-                        Err(_) => {
-                            Some("no answer on QMP; if it exited, its stderr says why".into())
-                        }
+                        Err(_) => Some("no answer on QMP; if it exited, its stderr says why".into()),
                     };
-                    return Err(MigrationError::Failed {
-                        source_error: info.error_desc,
-                        destination_error,
-                    });
+                    return Err(MigrationError::Failed { source_error: info.error_desc, destination_error });
                 }
                 MigrationStatus::Cancelled => return Err(MigrationError::Cancelled),
                 MigrationStatus::PostcopyPaused => {
-                    return Err(MigrationError::PostcopyPaused {
-                        error_desc: info.error_desc,
-                    })
+                    return Err(MigrationError::PostcopyPaused { error_desc: info.error_desc })
                 }
                 _ => {}
             }
@@ -161,19 +139,14 @@ impl Migration {
                 self.switch_to_postcopy(src)?;
             }
             if Instant::now() >= deadline {
-                return Err(MigrationError::Timeout {
-                    status: progress.status,
-                    elapsed: progress.elapsed,
-                });
+                return Err(MigrationError::Timeout { status: progress.status, elapsed: progress.elapsed });
             }
             sleep(POLL_INTERVAL);
         };
         // The destination completes a moment after the source (precopy: it
         // still loads the device state); give it a little time even when
         // the overall deadline has passed.
-        let grace = deadline
-            .saturating_duration_since(Instant::now())
-            .max(STATE_CHANGE_TIMEOUT);
+        let grace = deadline.saturating_duration_since(Instant::now()).max(STATE_CHANGE_TIMEOUT);
         let dst_info = destination_completion(dst, grace)?;
         let destination_run_state = destination_run_state(dst, grace)?;
         let source_gmemd = gmemd_migration(&mut src_gmemd, Side::Source)?;
@@ -205,10 +178,7 @@ impl Migration {
     /// for it out of band).
     pub fn pause(&self, src: &mut QmpClient, dst: &mut QmpClient) -> Result<(), MigrationError> {
         let status = query_migrate(src, Side::Source)?.status();
-        if !matches!(
-            status,
-            MigrationStatus::PostcopyActive | MigrationStatus::PostcopyRecover
-        ) {
+        if !matches!(status, MigrationStatus::PostcopyActive | MigrationStatus::PostcopyRecover) {
             return Err(MigrationError::WrongStatus {
                 side: Side::Source,
                 status,
@@ -216,8 +186,7 @@ impl Migration {
             });
         }
         destination_run_state(dst, STATE_CHANGE_TIMEOUT)?;
-        src.execute("migrate-pause", Value::Null)
-            .map_err(MigrationError::qmp(Side::Source))?;
+        src.execute("migrate-pause", Value::Null).map_err(MigrationError::qmp(Side::Source))?;
         let paused = [MigrationStatus::PostcopyPaused];
         wait_for_status(src, Side::Source, &paused, STATE_CHANGE_TIMEOUT)?;
         Ok(())
@@ -245,7 +214,9 @@ impl Migration {
         loop {
             match dst.execute_oob("migrate-recover", arguments.clone()) {
                 Ok(_) => return Ok(()),
-                Err(QmpError::Command { desc, .. }) if desc.contains("postcopy is paused") && Instant::now() < deadline => {
+                Err(QmpError::Command { desc, .. })
+                    if desc.contains("postcopy is paused") && Instant::now() < deadline =>
+                {
                     sleep(POLL_INTERVAL);
                 }
                 Err(error) => return Err(MigrationError::qmp(side)(error)),
@@ -259,14 +230,8 @@ impl Migration {
     /// with [`wait`](Self::wait).
     pub fn resume(&mut self, src: &mut QmpClient, uri: &str) -> Result<(), MigrationError> {
         let side = Side::Source;
-        wait_for_status(
-            src,
-            side,
-            &[MigrationStatus::PostcopyPaused],
-            STATE_CHANGE_TIMEOUT,
-        )?;
-        src.execute("migrate", json!({ "uri": uri, "resume": true }))
-            .map_err(MigrationError::qmp(side))?;
+        wait_for_status(src, side, &[MigrationStatus::PostcopyPaused], STATE_CHANGE_TIMEOUT)?;
+        src.execute("migrate", json!({ "uri": uri, "resume": true })).map_err(MigrationError::qmp(side))?;
         self.recoveries += 1;
         Ok(())
     }
@@ -275,22 +240,13 @@ impl Migration {
     /// refuses in postcopy) and waits until it is `cancelled`: the guest
     /// keeps running on the source.
     pub fn cancel(&self, src: &mut QmpClient) -> Result<(), MigrationError> {
-        src.execute("migrate_cancel", Value::Null)
-            .map_err(MigrationError::qmp(Side::Source))?;
-        wait_for_status(
-            src,
-            Side::Source,
-            &[MigrationStatus::Cancelled],
-            STATE_CHANGE_TIMEOUT,
-        )?;
+        src.execute("migrate_cancel", Value::Null).map_err(MigrationError::qmp(Side::Source))?;
+        wait_for_status(src, Side::Source, &[MigrationStatus::Cancelled], STATE_CHANGE_TIMEOUT)?;
         Ok(())
     }
 
     /// The source's `query-migrate`, as a [`Progress`] and whole.
-    fn look(
-        &mut self,
-        src: &mut QmpClient,
-    ) -> Result<(Progress, QemuMigrationInfo), MigrationError> {
+    fn look(&mut self, src: &mut QmpClient) -> Result<(Progress, QemuMigrationInfo), MigrationError> {
         let info = query_migrate(src, Side::Source)?;
         let status = info.status();
         if status.is_postcopy() {
@@ -322,10 +278,7 @@ impl Migration {
 }
 
 /// Waits for the destination's `query-migrate` to say `completed`.
-fn destination_completion(
-    dst: &mut QmpClient,
-    timeout: Duration,
-) -> Result<QemuMigrationInfo, MigrationError> {
+fn destination_completion(dst: &mut QmpClient, timeout: Duration) -> Result<QemuMigrationInfo, MigrationError> {
     let side = Side::Destination;
     let mut status = MigrationStatus::None;
     let completed = poll_until(timeout, || {
@@ -333,10 +286,9 @@ fn destination_completion(
         status = info.status();
         match status {
             MigrationStatus::Completed => Ok(Some(info)),
-            MigrationStatus::Failed => Err(MigrationError::Failed {
-                source_error: None,
-                destination_error: info.error_desc,
-            }),
+            MigrationStatus::Failed => {
+                Err(MigrationError::Failed { source_error: None, destination_error: info.error_desc })
+            }
             _ => Ok(None),
         }
     })?;
@@ -353,9 +305,7 @@ fn destination_completion(
 fn destination_run_state(dst: &mut QmpClient, timeout: Duration) -> Result<String, MigrationError> {
     let mut run_state = String::new();
     poll_until(timeout, || {
-        run_state = dst
-            .query_status()
-            .map_err(MigrationError::qmp(Side::Destination))?;
+        run_state = dst.query_status().map_err(MigrationError::qmp(Side::Destination))?;
         Ok((run_state != "inmigrate").then_some(()))
     })?;
     match run_state.as_str() {
@@ -369,14 +319,7 @@ fn gmemd_migration(
     gmemd: &mut Option<&mut ControlClient>,
     side: Side,
 ) -> Result<Option<MigrationInfo>, MigrationError> {
-    gmemd
-        .as_deref_mut()
-        .map(|client| {
-            client
-                .query_migration()
-                .map_err(MigrationError::gmemd(side))
-        })
-        .transpose()
+    gmemd.as_deref_mut().map(|client| client.query_migration().map_err(MigrationError::gmemd(side))).transpose()
 }
 
 /// The time between the source gmemd's last request completion and the
@@ -404,10 +347,7 @@ fn destination_io_resumed(
     }
 }
 
-fn device_io_gap_us(
-    source: Option<&MigrationInfo>,
-    destination: Option<&MigrationInfo>,
-) -> Option<u64> {
+fn device_io_gap_us(source: Option<&MigrationInfo>, destination: Option<&MigrationInfo>) -> Option<u64> {
     let last = source?.device_io.last_completion_us;
     let first = destination?.device_io.first_completion_us;
     (last > 0 && first > last).then(|| first - last)

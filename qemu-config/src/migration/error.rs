@@ -73,11 +73,7 @@ pub enum MigrationError {
         status: MigrationStatus,
     },
     /// QEMU reported `failed`.
-    #[error(
-        "migration failed: {}{}",
-        reason(source_error),
-        destination_reason(destination_error)
-    )]
+    #[error("migration failed: {}{}", reason(source_error), destination_reason(destination_error))]
     Failed {
         /// The source's `error-desc`.
         source_error: Option<String>,
@@ -139,9 +135,7 @@ fn reason(desc: &Option<String>) -> &str {
 }
 
 fn destination_reason(desc: &Option<String>) -> String {
-    desc.as_ref()
-        .map(|d| format!(" (destination: {d})"))
-        .unwrap_or_default()
+    desc.as_ref().map(|d| format!(" (destination: {d})")).unwrap_or_default()
 }
 
 fn seconds(duration: Duration) -> String {

@@ -87,10 +87,7 @@ impl MigrationStatus {
 
     /// Whether the migration has ended, one way or the other.
     pub fn is_finished(self) -> bool {
-        matches!(
-            self,
-            MigrationStatus::Completed | MigrationStatus::Failed | MigrationStatus::Cancelled
-        )
+        matches!(self, MigrationStatus::Completed | MigrationStatus::Failed | MigrationStatus::Cancelled)
     }
 }
 

@@ -20,7 +20,8 @@ const SOURCE_POSTCOPY_PAUSED: &str = r#"{"status": "postcopy-paused", "setup-tim
 const SOURCE_COMPLETED: &str = r#"{"status": "completed", "setup-time": 1, "downtime": 1, "total-time": 1227, "ram": {"total": 134750208, "postcopy-requests": 2, "dirty-sync-count": 2, "multifd-bytes": 0, "pages-per-second": 269067, "downtime-bytes": 0, "page-size": 4096, "remaining": 0, "postcopy-bytes": 28253545, "mbps": 222.501220228385, "transferred": 34098312, "dirty-sync-missed-zero-copy": 0, "precopy-bytes": 5779001, "duplicate": 24845, "dirty-pages-rate": 0, "normal-bytes": 33742848, "normal": 8238}}"#;
 
 /// Source whose migrate could not connect.
-const SOURCE_FAILED: &str = r#"{"status": "failed", "error-desc": "Failed to connect to '/tmp/nonexist': No such file or directory"}"#;
+const SOURCE_FAILED: &str =
+    r#"{"status": "failed", "error-desc": "Failed to connect to '/tmp/nonexist': No such file or directory"}"#;
 
 /// Destination after migrate-incoming, before the source connects.
 const DESTINATION_LISTENING: &str =
@@ -42,12 +43,7 @@ fn precopy_figures_are_read() {
     let info = parse(SOURCE_ACTIVE);
     assert_eq!(info.status(), MigrationStatus::Active);
     assert_eq!(
-        (
-            info.total_time,
-            info.setup_time,
-            info.expected_downtime,
-            info.downtime
-        ),
+        (info.total_time, info.setup_time, info.expected_downtime, info.downtime),
         (Some(203), Some(1), Some(300), None)
     );
     let ram = info.ram.expect("ram");
@@ -55,11 +51,7 @@ fn precopy_figures_are_read() {
     assert_eq!(ram.remaining, 107_749_376);
     assert_eq!(ram.transferred, 27_053_794);
     assert_eq!(ram.dirty_sync_count, 1);
-    assert!(
-        (ram.fraction_sent() - 0.2004).abs() < 0.001,
-        "{}",
-        ram.fraction_sent()
-    );
+    assert!((ram.fraction_sent() - 0.2004).abs() < 0.001, "{}", ram.fraction_sent());
     assert!((ram.bytes_per_second() - 135.27e6).abs() < 0.01e6);
 }
 
@@ -69,10 +61,7 @@ fn postcopy_figures_are_read() {
     assert_eq!(info.status(), MigrationStatus::PostcopyActive);
     assert!(info.status().is_postcopy());
     let ram = info.ram.expect("ram");
-    assert_eq!(
-        (ram.postcopy_requests, ram.postcopy_bytes, ram.precopy_bytes),
-        (2, 7_614_498, 5_779_001)
-    );
+    assert_eq!((ram.postcopy_requests, ram.postcopy_bytes, ram.precopy_bytes), (2, 7_614_498, 5_779_001));
     assert_eq!(ram.dirty_bytes_per_second(), 168 * 4096);
 }
 
@@ -80,10 +69,7 @@ fn postcopy_figures_are_read() {
 fn a_pause_carries_its_reason() {
     let info = parse(SOURCE_POSTCOPY_PAUSED);
     assert_eq!(info.status(), MigrationStatus::PostcopyPaused);
-    assert_eq!(
-        info.error_desc.as_deref(),
-        Some("Postcopy migration is paused by the user")
-    );
+    assert_eq!(info.error_desc.as_deref(), Some("Postcopy migration is paused by the user"));
 }
 
 #[test]
@@ -96,9 +82,7 @@ fn completion_and_failure_are_final() {
     let failed = parse(SOURCE_FAILED);
     assert_eq!(failed.status(), MigrationStatus::Failed);
     assert!(failed.ram.is_none());
-    assert!(failed
-        .error_desc
-        .is_some_and(|d| d.starts_with("Failed to connect")));
+    assert!(failed.error_desc.is_some_and(|d| d.starts_with("Failed to connect")));
 }
 
 #[test]
@@ -124,10 +108,7 @@ fn statuses_round_trip_through_their_qemu_names() {
     ] {
         let json = serde_json::to_string(&status).expect("serialize");
         assert_eq!(json, format!("\"{status}\""));
-        assert_eq!(
-            serde_json::from_str::<MigrationStatus>(&json).ok(),
-            Some(status)
-        );
+        assert_eq!(serde_json::from_str::<MigrationStatus>(&json).ok(), Some(status));
     }
     let newer: MigrationStatus = serde_json::from_str("\"some-future-state\"").expect("parse");
     assert_eq!(newer, MigrationStatus::Unknown);

@@ -6,7 +6,8 @@ use std::thread;
 
 use super::*;
 
-const GREETING: &str = r#"{"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10}}, "capabilities": ["oob"]}}"#;
+const GREETING: &str =
+    r#"{"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10}}, "capabilities": ["oob"]}}"#;
 
 /// The fake QEMU's side: reads requests, writes whatever the script says.
 struct FakeQemu {
@@ -16,10 +17,7 @@ struct FakeQemu {
 
 impl FakeQemu {
     fn new(stream: UnixStream) -> Self {
-        FakeQemu {
-            writer: stream.try_clone().expect("clone"),
-            reader: BufReader::new(stream),
-        }
+        FakeQemu { writer: stream.try_clone().expect("clone"), reader: BufReader::new(stream) }
     }
 
     fn send(&mut self, text: &str) {
@@ -45,10 +43,7 @@ impl FakeQemu {
         self.send(&format!("{GREETING}\n"));
         let request = self.expect("qmp_capabilities");
         assert_eq!(request["arguments"], json!({"enable": ["oob"]}), "oob is offered, so enabled");
-        self.send(&format!(
-            "{{\"return\": {{}}, \"id\": {}}}\n",
-            request["id"]
-        ));
+        self.send(&format!("{{\"return\": {{}}, \"id\": {}}}\n", request["id"]));
     }
 }
 
@@ -66,17 +61,12 @@ fn execute_returns_values_and_queues_interleaved_events() {
         let request = qemu.expect("query-status");
         let id = &request["id"];
         // An event before the reply, and a reply split across two writes.
-        qemu.send(
-            r#"{"event": "RESUME", "data": {}, "timestamp": {"seconds": 1, "microseconds": 2}}"#,
-        );
+        qemu.send(r#"{"event": "RESUME", "data": {}, "timestamp": {"seconds": 1, "microseconds": 2}}"#);
         qemu.send("\n{\"return\": {\"status\": \"run");
         thread::sleep(Duration::from_millis(50));
         qemu.send(&format!("ning\", \"running\": true}}, \"id\": {id}}}\n"));
         let request = qemu.expect("device_add");
-        assert_eq!(
-            request["arguments"],
-            json!({"driver": "pc-dimm", "id": "d1"})
-        );
+        assert_eq!(request["arguments"], json!({"driver": "pc-dimm", "id": "d1"}));
         qemu.send(&format!(
             "{{\"error\": {{\"class\": \"GenericError\", \"desc\": \"nope\"}}, \"id\": {}}}\n",
             request["id"]
@@ -84,19 +74,10 @@ fn execute_returns_values_and_queues_interleaved_events() {
     });
     assert_eq!(client.greeting()["QMP"]["version"]["qemu"]["major"], 10);
     assert_eq!(client.query_status().expect("status"), "running");
-    let error = client
-        .execute("device_add", json!({"driver": "pc-dimm", "id": "d1"}))
-        .expect_err("error reply");
+    let error = client.execute("device_add", json!({"driver": "pc-dimm", "id": "d1"})).expect_err("error reply");
     match error {
-        QmpError::Command {
-            command,
-            class,
-            desc,
-        } => {
-            assert_eq!(
-                (command.as_str(), class.as_str(), desc.as_str()),
-                ("device_add", "GenericError", "nope")
-            );
+        QmpError::Command { command, class, desc } => {
+            assert_eq!((command.as_str(), class.as_str(), desc.as_str()), ("device_add", "GenericError", "nope"));
         }
         other => panic!("unexpected {other:?}"),
     }
@@ -115,24 +96,14 @@ fn wait_event_skips_and_keeps_other_events() {
         thread::sleep(Duration::from_millis(30));
         qemu.send("{\"event\": \"SHUTDOWN\", \"data\": {\"guest\": true}}\n");
         let request = qemu.expect("quit");
-        qemu.send(&format!(
-            "{{\"return\": {{}}, \"id\": {}}}\n",
-            request["id"]
-        ));
+        qemu.send(&format!("{{\"return\": {{}}, \"id\": {}}}\n", request["id"]));
     });
-    let shutdown = client
-        .wait_event("SHUTDOWN", Duration::from_secs(5))
-        .expect("shutdown");
+    let shutdown = client.wait_event("SHUTDOWN", Duration::from_secs(5)).expect("shutdown");
     assert_eq!(shutdown["data"]["guest"], true);
-    let stop = client
-        .wait_event("STOP", Duration::from_millis(10))
-        .expect("queued STOP");
+    let stop = client.wait_event("STOP", Duration::from_millis(10)).expect("queued STOP");
     assert_eq!(stop["event"], "STOP");
     let started = Instant::now();
-    assert!(matches!(
-        client.wait_event("RESET", Duration::from_millis(100)),
-        Err(QmpError::Timeout(_))
-    ));
+    assert!(matches!(client.wait_event("RESET", Duration::from_millis(100)), Err(QmpError::Timeout(_))));
     assert!(started.elapsed() >= Duration::from_millis(100));
     client.quit().expect("quit");
     server.join().expect("server");
@@ -145,10 +116,7 @@ fn closed_and_silent_servers_are_errors() {
         qemu.expect("stop");
         // Hang up mid-command.
     });
-    assert!(matches!(
-        client.execute("stop", Value::Null),
-        Err(QmpError::Closed)
-    ));
+    assert!(matches!(client.execute("stop", Value::Null), Err(QmpError::Closed)));
     server.join().expect("server");
 
     let (mut client, server) = pair(|mut qemu| {
@@ -157,10 +125,7 @@ fn closed_and_silent_servers_are_errors() {
         thread::sleep(Duration::from_millis(300));
     });
     client.set_timeout(Duration::from_millis(100));
-    assert!(matches!(
-        client.execute("cont", Value::Null),
-        Err(QmpError::Timeout(_))
-    ));
+    assert!(matches!(client.execute("cont", Value::Null), Err(QmpError::Timeout(_))));
     server.join().expect("server");
 }
 
@@ -168,10 +133,7 @@ fn closed_and_silent_servers_are_errors() {
 fn a_server_that_does_not_greet_is_rejected() {
     let (ours, mut theirs) = UnixStream::pair().expect("socketpair");
     theirs.write_all(b"{\"return\": {}}\n").expect("write");
-    assert!(matches!(
-        QmpClient::handshake(ours),
-        Err(QmpError::Malformed(_))
-    ));
+    assert!(matches!(QmpClient::handshake(ours), Err(QmpError::Malformed(_))));
 }
 
 #[test]
@@ -186,10 +148,7 @@ fn connect_retries_until_the_socket_appears() {
         let mut qemu = FakeQemu::new(stream);
         qemu.negotiate();
         let request = qemu.expect("quit");
-        qemu.send(&format!(
-            "{{\"return\": {{}}, \"id\": {}}}\n",
-            request["id"]
-        ));
+        qemu.send(&format!("{{\"return\": {{}}, \"id\": {}}}\n", request["id"]));
     });
     let mut client = QmpClient::connect(&path, Duration::from_secs(5)).expect("connect");
     client.quit().expect("quit");

@@ -24,7 +24,9 @@ impl FrontendConnection {
         self.tracking.log.set_enabled(logging);
         let migration = &self.daemon.migration;
         match (logging, migration.state()) {
-            (true, MigrationState::None | MigrationState::PostcopyEnded) => migration.set_state(MigrationState::DirtyLogging),
+            (true, MigrationState::None | MigrationState::PostcopyEnded) => {
+                migration.set_state(MigrationState::DirtyLogging)
+            }
             (false, MigrationState::DirtyLogging) => migration.set_state(MigrationState::None),
             _ => {}
         }
@@ -87,7 +89,9 @@ impl FrontendConnection {
             Err(nack(message))
         };
         if self.vrings.iter().any(Vring::started) {
-            return refuse("vrings are running; postcopy needs the device stopped until guest RAM is registered".into());
+            return refuse(
+                "vrings are running; postcopy needs the device stopped until guest RAM is registered".into(),
+            );
         }
         if let Err(owner) = self.daemon.claim_postcopy(self.id()) {
             return refuse(format!("frontend {owner} is in postcopy on the same guest RAM"));

@@ -11,8 +11,8 @@ use clap::Args;
 use gmem_protocol::{parse_size, ControlClient};
 use gmem_qemu::migration::{query_migrate, Side, DEFAULT_MIGRATION_TIMEOUT};
 use gmem_qemu::{
-    prepare_destination, Endpoint, Migration, MigrationError, MigrationOptions, MigrationStatus,
-    QmpClient, SwitchToPostcopy,
+    prepare_destination, Endpoint, Migration, MigrationError, MigrationOptions, MigrationStatus, QmpClient,
+    SwitchToPostcopy,
 };
 
 use crate::progress::{summary, ProgressDisplay};
@@ -139,21 +139,14 @@ impl FromStr for EndpointSpec {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if !s.contains('=') {
-            return Ok(EndpointSpec {
-                qmp: s.into(),
-                control: None,
-            });
+            return Ok(EndpointSpec { qmp: s.into(), control: None });
         }
         let (mut qmp, mut control) = (None, None);
         for part in s.split(',') {
             match part.split_once('=') {
                 Some(("qmp", path)) if !path.is_empty() => qmp = Some(path.into()),
                 Some(("control", path)) if !path.is_empty() => control = Some(path.into()),
-                _ => {
-                    return Err(format!(
-                        "unknown part {part:?}: use qmp=PATH[,control=PATH]"
-                    ))
-                }
+                _ => return Err(format!("unknown part {part:?}: use qmp=PATH[,control=PATH]")),
             }
         }
         let qmp = qmp.ok_or("missing qmp=PATH (the QEMU's QMP socket)")?;
@@ -169,32 +162,21 @@ struct Connected {
 
 impl Connected {
     fn open(spec: &EndpointSpec, side: Side) -> Result<Self> {
-        let qmp = QmpClient::connect(&spec.qmp, Duration::from_secs(5)).with_context(|| {
-            format!(
-                "connecting to the {side} QEMU's QMP socket {}",
-                spec.qmp.display()
-            )
-        })?;
+        let qmp = QmpClient::connect(&spec.qmp, Duration::from_secs(5))
+            .with_context(|| format!("connecting to the {side} QEMU's QMP socket {}", spec.qmp.display()))?;
         let gmemd = spec
             .control
             .as_ref()
             .map(|path| {
-                ControlClient::connect(path).with_context(|| {
-                    format!(
-                        "connecting to the {side} gmemd's control socket {}",
-                        path.display()
-                    )
-                })
+                ControlClient::connect(path)
+                    .with_context(|| format!("connecting to the {side} gmemd's control socket {}", path.display()))
             })
             .transpose()?;
         Ok(Connected { qmp, gmemd })
     }
 
     fn endpoint(&mut self) -> Endpoint<'_> {
-        Endpoint {
-            qmp: &mut self.qmp,
-            gmemd: self.gmemd.as_mut(),
-        }
+        Endpoint { qmp: &mut self.qmp, gmemd: self.gmemd.as_mut() }
     }
 }
 
@@ -218,9 +200,7 @@ pub fn run(args: &MigrateArgs) -> Result<()> {
         Ok(report) if args.json => println!("{}", serde_json::to_string(&report)?),
         Ok(report) => print!("{}", summary(&report)),
         Err(MigrationError::Timeout { status, elapsed }) if !status.is_postcopy() => {
-            migration
-                .cancel(&mut src.qmp)
-                .context("cancelling the migration after the timeout")?;
+            migration.cancel(&mut src.qmp).context("cancelling the migration after the timeout")?;
             return Err(anyhow!(
                 "no completion after {:.0} s ({status}): migration cancelled, the guest keeps \
                  running on the source",
@@ -251,9 +231,7 @@ fn destination_serves_postcopy(dst: &mut Connected) -> Result<()> {
     let Some(gmemd) = dst.gmemd.as_mut() else {
         return Ok(());
     };
-    let info = gmemd
-        .query_migration()
-        .context("query-migration on the destination gmemd")?;
+    let info = gmemd.query_migration().context("query-migration on the destination gmemd")?;
     match info.postcopy.unavailable {
         Some(why) => Err(anyhow!(
             "the destination gmemd cannot serve postcopy: {why}; migrate without --postcopy, or restart it with that privilege"
@@ -264,13 +242,9 @@ fn destination_serves_postcopy(dst: &mut Connected) -> Result<()> {
 
 /// Attaches to the migration the source runs and, if it paused in
 /// postcopy, recovers it.
-fn take_over(
-    src: &mut QmpClient,
-    dst: &mut QmpClient,
-    options: &MigrationOptions,
-) -> Result<Migration> {
-    let mut migration = Migration::attach(src, options)
-        .context("--resume needs a migration under way on the source")?;
+fn take_over(src: &mut QmpClient, dst: &mut QmpClient, options: &MigrationOptions) -> Result<Migration> {
+    let mut migration =
+        Migration::attach(src, options).context("--resume needs a migration under way on the source")?;
     if query_migrate(src, Side::Source)?.status() == MigrationStatus::PostcopyPaused {
         log::info!("recovering the paused postcopy migration");
         migration.recover(dst, &options.listen_uri)?;
@@ -317,16 +291,11 @@ mod tests {
 
     #[test]
     fn endpoints_name_their_sockets() {
-        let full: EndpointSpec = "qmp=/run/q.sock,control=/run/g.sock"
-            .parse()
-            .expect("parse");
+        let full: EndpointSpec = "qmp=/run/q.sock,control=/run/g.sock".parse().expect("parse");
         assert_eq!(full.qmp, PathBuf::from("/run/q.sock"));
         assert_eq!(full.control, Some(PathBuf::from("/run/g.sock")));
         let bare: EndpointSpec = "/run/q.sock".parse().expect("parse");
-        assert_eq!(
-            (bare.qmp, bare.control),
-            (PathBuf::from("/run/q.sock"), None)
-        );
+        assert_eq!((bare.qmp, bare.control), (PathBuf::from("/run/q.sock"), None));
         assert!("control=/run/g.sock".parse::<EndpointSpec>().is_err());
         assert!("qmp=/q,gmemd=/g".parse::<EndpointSpec>().is_err());
     }

@@ -26,11 +26,7 @@ pub struct ProgressDisplay {
 
 impl ProgressDisplay {
     pub fn new() -> Self {
-        ProgressDisplay {
-            terminal: std::io::stderr().is_terminal(),
-            drawn: false,
-            last_printed: None,
-        }
+        ProgressDisplay { terminal: std::io::stderr().is_terminal(), drawn: false, last_printed: None }
     }
 
     pub fn show(&mut self, progress: &Progress) {
@@ -93,11 +89,7 @@ pub fn summary(report: &MigrationReport) -> String {
         _ => "precopy".to_string(),
     };
     if report.recoveries > 0 {
-        mode += &format!(
-            ", {} recover{}",
-            report.recoveries,
-            plural(report.recoveries, "y", "ies")
-        );
+        mode += &format!(", {} recover{}", report.recoveries, plural(report.recoveries, "y", "ies"));
     }
     let ram = &report.ram;
     let mut lines = vec![
@@ -128,17 +120,9 @@ pub fn summary(report: &MigrationReport) -> String {
         lines.push(("postcopy requests", ram.postcopy_requests.to_string()));
     }
     if let Some(total) = report.postcopy_blocktime_ms {
-        let per_vcpu = report
-            .postcopy_vcpu_blocktime_ms
-            .iter()
-            .flatten()
-            .map(u64::to_string)
-            .collect::<Vec<_>>()
-            .join(", ");
-        lines.push((
-            "vCPU blocktime",
-            format!("{total} ms (per vCPU: {per_vcpu})"),
-        ));
+        let per_vcpu =
+            report.postcopy_vcpu_blocktime_ms.iter().flatten().map(u64::to_string).collect::<Vec<_>>().join(", ");
+        lines.push(("vCPU blocktime", format!("{total} ms (per vCPU: {per_vcpu})")));
     }
     lines.push(("destination", report.destination_run_state.clone()));
     if let Some(gap) = report.device_io_gap_us {
@@ -154,11 +138,7 @@ pub fn summary(report: &MigrationReport) -> String {
 }
 
 fn source_gmemd(info: &MigrationInfo) -> String {
-    format!(
-        "{} dirty page marks, device wrote {}",
-        info.dirty_log.pages_marked,
-        bytes(info.device_bytes_written)
-    )
+    format!("{} dirty page marks, device wrote {}", info.dirty_log.pages_marked, bytes(info.device_bytes_written))
 }
 
 fn destination_gmemd(info: &MigrationInfo) -> String {
@@ -166,10 +146,8 @@ fn destination_gmemd(info: &MigrationInfo) -> String {
     let latency = &faults.fault_latency;
     let mut text = format!("{} device faults", faults.device_faults);
     if latency.count > 0 {
-        text += &format!(
-            ", fault to wake p50 {} us, p99 {} us, max {} us",
-            latency.p50_us, latency.p99_us, latency.max_us
-        );
+        text +=
+            &format!(", fault to wake p50 {} us, p99 {} us, max {} us", latency.p50_us, latency.p99_us, latency.max_us);
     }
     text
 }

@@ -7,11 +7,7 @@ use gmem_protocol::{DeviceInfo, RegionInfo, StatusInfo};
 use serde::Serialize;
 
 /// Prints `value` as pretty JSON, or as `human` renders it.
-pub fn print<T: Serialize + ?Sized>(
-    json: bool,
-    value: &T,
-    human: impl Fn(&T) -> String,
-) -> serde_json::Result<()> {
+pub fn print<T: Serialize + ?Sized>(json: bool, value: &T, human: impl Fn(&T) -> String) -> serde_json::Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(value)?);
     } else {
@@ -24,10 +20,7 @@ pub fn status(status: &StatusInfo) -> String {
     let mut out = fields(&[
         ("version", status.version.clone()),
         ("pid", status.pid.to_string()),
-        (
-            "uptime",
-            format!("{:.1} s", status.uptime_ms as f64 / 1000.0),
-        ),
+        ("uptime", format!("{:.1} s", status.uptime_ms as f64 / 1000.0)),
         ("vhost-user socket", status.vhost_user_socket.clone()),
         ("frontends", status.frontends.len().to_string()),
     ]);
@@ -41,10 +34,7 @@ pub fn status(status: &StatusInfo) -> String {
             ]
         });
         out.push('\n');
-        out += &table(
-            &["FRONTEND", "PID", "MAPPED REGIONS", "STARTED QUEUES"],
-            rows,
-        );
+        out += &table(&["FRONTEND", "PID", "MAPPED REGIONS", "STARTED QUEUES"], rows);
     }
     out
 }
@@ -60,28 +50,15 @@ pub fn regions(regions: &[RegionInfo]) -> String {
             r.fd_path.clone(),
         ]
     });
-    table(
-        &["ID", "SIZE", "POPULATED", "MAPPED BY", "BACKING", "FD PATH"],
-        rows,
-    )
+    table(&["ID", "SIZE", "POPULATED", "MAPPED BY", "BACKING", "FD PATH"], rows)
 }
 
 pub fn device(device: &DeviceInfo) -> String {
     let mut out = fields(&[
         ("kind", device.kind.clone()),
         ("disk", device.disk.clone()),
-        (
-            "capacity",
-            format!(
-                "{} ({} bytes)",
-                bytes(device.capacity_bytes),
-                device.capacity_bytes
-            ),
-        ),
-        (
-            "readonly",
-            if device.readonly { "yes" } else { "no" }.into(),
-        ),
+        ("capacity", format!("{} ({} bytes)", bytes(device.capacity_bytes), device.capacity_bytes)),
+        ("readonly", if device.readonly { "yes" } else { "no" }.into()),
         ("requests", device.requests.to_string()),
         ("errors", device.errors.to_string()),
     ]);
@@ -96,17 +73,7 @@ pub fn device(device: &DeviceInfo) -> String {
         ]
     });
     out.push('\n');
-    out += &table(
-        &[
-            "QUEUE",
-            "STARTED",
-            "REQUESTS",
-            "ERRORS",
-            "FROM GUEST",
-            "TO GUEST",
-        ],
-        rows,
-    );
+    out += &table(&["QUEUE", "STARTED", "REQUESTS", "ERRORS", "FROM GUEST", "TO GUEST"], rows);
     out
 }
 
@@ -131,11 +98,7 @@ fn table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) -> String {
     }
     let mut out = String::new();
     for row in &rows {
-        let cells: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(cell, width)| format!("{cell:width$}"))
-            .collect();
+        let cells: Vec<String> = row.iter().zip(&widths).map(|(cell, width)| format!("{cell:width$}")).collect();
         let _ = writeln!(out, "{}", cells.join("  ").trim_end());
     }
     out
