@@ -1,7 +1,12 @@
 //! Commands a client may execute, and the strict parser the daemon uses.
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
+
+use crate::strict::{MemberNames, UniqueKeys};
 
 use crate::reply::{ErrorClass, ErrorReply};
 
@@ -66,40 +71,84 @@ impl NoArguments {
     }
 }
 
+/// A request's `id`, kept as the exact JSON text the client sent, so the
+/// reply echoes it unchanged (a number is not rewritten as a float, nor a
+/// big one rounded).
+#[derive(Debug, Clone, Serialize)]
+#[serde(transparent)]
+pub struct RequestId(Box<RawValue>);
+
+impl<'de> Deserialize<'de> for RequestId {
+    /// Through a `Value`: replies are an untagged enum, whose buffering a
+    /// `RawValue` cannot be read from. (The daemon reads ids verbatim in
+    /// [`Request::parse`]; a client only compares them.)
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = Value::deserialize(deserializer)?;
+        RawValue::from_string(value.to_string()).map(RequestId).map_err(serde::de::Error::custom)
+    }
+}
+
+impl RequestId {
+    /// The id's JSON text.
+    pub fn json(&self) -> &str {
+        self.0.get()
+    }
+}
+
+impl PartialEq for RequestId {
+    fn eq(&self, other: &Self) -> bool {
+        self.json() == other.json()
+    }
+}
+
+impl From<u64> for RequestId {
+    fn from(id: u64) -> Self {
+        // A u64's text is always a valid JSON number.
+        RequestId(RawValue::from_string(id.to_string()).unwrap_or_else(|_| RawValue::NULL.to_owned()))
+    }
+}
+
 /// A parsed request line: the command and the optional `id` the reply echoes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Request {
     /// What to do.
     pub command: Command,
     /// Echoed in the reply, as in QMP, so a client may pipeline requests.
-    pub id: Option<Value>,
+    pub id: Option<RequestId>,
 }
 
 impl Request {
     /// Parses one line. On error the returned [`ErrorReply`] is what the
     /// daemon sends back; it carries the request's `id` when one was readable.
-    pub fn parse(line: &str) -> Result<Request, (ErrorReply, Option<Value>)> {
-        let value: Value = serde_json::from_str(line)
-            .map_err(|e| (ErrorReply::new(ErrorClass::GenericError, format!("JSON parse error: {e}")), None))?;
-        let Value::Object(mut object) = value else {
-            return Err((
-                ErrorReply::new(ErrorClass::GenericError, "a request must be a JSON object".to_string()),
-                None,
-            ));
-        };
-        let id = object.remove("id");
-        let fail = |desc: String| (ErrorReply::new(ErrorClass::GenericError, desc), id.clone());
-        let name = match object.remove("execute") {
-            Some(Value::String(name)) => name,
-            Some(other) => return Err(fail(format!("'execute' must be a string, not {other}"))),
+    pub fn parse(line: &str) -> Result<Request, (ErrorReply, Option<RequestId>)> {
+        let generic = |desc: String| ErrorReply::new(ErrorClass::GenericError, desc);
+        let value: Value = serde_json::from_str(line).map_err(|e| (generic(format!("JSON parse error: {e}")), None))?;
+        if !value.is_object() {
+            return Err((generic("a request must be a JSON object".to_string()), None));
+        }
+        // An object, so this parses too; members given twice keep the last.
+        let mut members: BTreeMap<String, Box<RawValue>> =
+            serde_json::from_str(line).map_err(|e| (generic(format!("JSON parse error: {e}")), None))?;
+        let id = members.remove("id").map(RequestId);
+        let fail = |desc: String| (generic(desc), id.clone());
+        if let Err(error) = serde_json::from_str::<UniqueKeys>(line) {
+            let names = serde_json::from_str::<MemberNames>(line).map(|n| n.0).unwrap_or_default();
+            let id = if names.iter().filter(|n| *n == "id").count() > 1 { None } else { id.clone() };
+            return Err((generic(format!("{error}: refused, since which one counts would be a guess")), id));
+        }
+        let name = match members.remove("execute").map(|raw| serde_json::from_str::<Value>(raw.get())) {
+            Some(Ok(Value::String(name))) => name,
+            Some(Ok(other)) => return Err(fail(format!("'execute' must be a string, not {other}"))),
+            Some(Err(e)) => return Err(fail(format!("'execute': {e}"))),
             None => return Err(fail("the request has no 'execute' member".to_string())),
         };
-        let arguments = match object.remove("arguments") {
+        let arguments = match members.remove("arguments").map(|raw| serde_json::from_str::<Value>(raw.get())) {
             None => None,
-            Some(Value::Object(arguments)) => Some(arguments),
-            Some(other) => return Err(fail(format!("'arguments' must be an object, not {other}"))),
+            Some(Ok(Value::Object(arguments))) => Some(arguments),
+            Some(Ok(other)) => return Err(fail(format!("'arguments' must be an object, not {other}"))),
+            Some(Err(e)) => return Err(fail(format!("'arguments': {e}"))),
         };
-        if let Some(key) = object.keys().next() {
+        if let Some(key) = members.keys().next() {
             return Err(fail(format!("unexpected member '{key}' in the request")));
         }
         let command = Command::from_name(&name, arguments).map_err(|e| (e, id.clone()))?;
@@ -119,7 +168,7 @@ mod tests {
             let line = format!(r#"{{"execute":"{}","arguments":{{}},"id":7}}"#, command.name());
             let with_id = Request::parse(&line).expect("with id");
             assert_eq!(with_id.command, command);
-            assert_eq!(with_id.id, Some(Value::from(7)));
+            assert_eq!(with_id.id, Some(RequestId::from(7)));
         }
     }
 
@@ -145,6 +194,27 @@ mod tests {
     #[test]
     fn error_keeps_the_id() {
         let (_, id) = Request::parse(r#"{"execute":"nope","id":"abc"}"#).expect_err("unknown");
-        assert_eq!(id, Some(Value::from("abc")));
+        assert_eq!(id.map(|id| id.json().to_string()), Some(r#""abc""#.to_string()));
+    }
+
+    #[test]
+    fn ids_come_back_exactly_as_sent() {
+        for id in ["7", "18446744073709551616", "-0", "1e3", "1.50", r#""x""#, r#"{"a":[1,2]}"#] {
+            let request = Request::parse(&format!(r#"{{"execute":"query-status","id":{id}}}"#)).expect(id);
+            let reply = crate::Reply::Return { value: Value::Null, id: request.id };
+            assert_eq!(reply.to_line(), format!(r#"{{"return":null,"id":{id}}}"#));
+        }
+    }
+
+    #[test]
+    fn a_member_given_twice_is_refused() {
+        let (error, id) = Request::parse(r#"{"execute":"query-status","execute":"quit","id":5}"#).expect_err("twice");
+        assert!(error.desc.contains("'execute' is given twice"), "{}", error.desc);
+        assert_eq!(id, Some(RequestId::from(5)));
+        let (_, id) = Request::parse(r#"{"execute":"quit","id":1,"id":2}"#).expect_err("id twice");
+        assert_eq!(id, None, "no guess at which id to echo");
+        let (_, id) = Request::parse(r#"{"execute":"x","arguments":{"id":1,"id":2},"id":3}"#).expect_err("nested");
+        assert_eq!(id, Some(RequestId::from(3)), "a nested id is not the request's");
+        assert!(Request::parse(r#"{"execute":"quit","arguments":{"a":1,"a":2}}"#).is_err());
     }
 }

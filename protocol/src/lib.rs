@@ -19,9 +19,10 @@ mod client;
 mod command;
 mod reply;
 mod size;
+mod strict;
 
 pub use client::{ClientError, ControlClient};
-pub use command::{Command, Request};
+pub use command::{Command, Request, RequestId};
 pub use reply::{
     DeviceInfo, DeviceIoWindow, DirtyLogInfo, ErrorClass, ErrorReply, Event, EventKind, FrontendInfo, LatencySummary,
     MigrationInfo, MigrationState, PostcopyInfo, QueueInfo, RegionInfo, Reply, StatusInfo, Timestamp,

@@ -3,6 +3,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::command::RequestId;
+
 /// One line from the daemon.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -14,7 +16,7 @@ pub enum Reply {
         value: Value,
         /// The request's `id`, if it had one.
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        id: Option<Value>,
+        id: Option<RequestId>,
     },
     /// Failure; the connection stays open.
     Error {
@@ -22,7 +24,7 @@ pub enum Reply {
         error: ErrorReply,
         /// The request's `id`, if one was readable.
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        id: Option<Value>,
+        id: Option<RequestId>,
     },
     /// Something happened that no request asked about.
     Event(Event),
@@ -286,7 +288,7 @@ mod tests {
     fn lines_round_trip() {
         let replies = [
             Reply::Return { value: serde_json::json!({"a": 1}), id: None },
-            Reply::Return { value: serde_json::json!({}), id: Some(Value::from(3)) },
+            Reply::Return { value: serde_json::json!({}), id: Some(crate::RequestId::from(3)) },
             Reply::Error { error: ErrorReply::new(ErrorClass::CommandNotFound, "x".into()), id: None },
             Reply::Event(Event {
                 event: EventKind::FrontendConnected,
