@@ -1,95 +1,42 @@
 //! The `gmemd` daemon.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 
 use gmemd::blk::{BlkDevice, DeviceOptions};
-use gmemd::cli::{parse_region, parse_size};
+use gmemd::cli::Args;
 use gmemd::daemon::{Daemon, DaemonOptions};
-use gmemd::memory::{Backing, RegionSet, RegionSpec};
+use gmemd::memory::RegionSet;
+use gmemd::peers::PeerPolicy;
+use gmemd::sys::SocketAccess;
+use gmemd::vhost::ConnectionThreads;
 use gmemd::{control, vhost};
 
-/// gmemd owns a QEMU guest's RAM and serves it a vhost-user-blk disk.
-///
-/// gmemd creates the guest's RAM itself (sealed memfds, one per region) and
-/// QEMU maps that same memory, so the RAM outlives any one QEMU process: a
-/// frontend can disconnect, crash or be replaced and reconnect to the same
-/// RAM. The device's data path reads and writes guest RAM directly.
-///
-/// Attach QEMU with the arguments `gmemctl --control PATH qemu-args` prints,
-/// or start it with `gmemctl --control PATH launch`.
-#[derive(Debug, Parser)]
-#[command(version, verbatim_doc_comment, after_help = EXAMPLES)]
-struct Args {
-    /// vhost-user socket QEMU connects to (created, mode 0600).
-    #[arg(long, value_name = "PATH")]
-    socket: PathBuf,
+/// A socket file gmemd made: removed when gmemd exits normally, or when
+/// start-up fails after it was made, so no dead socket is left behind.
+struct SocketFile(PathBuf);
 
-    /// Raw disk image served as the virtio-blk disk.
-    #[arg(long, value_name = "PATH")]
-    disk: PathBuf,
-
-    /// Control socket for gmemctl and scripts (JSON lines, see docs/control-protocol.md).
-    #[arg(long, value_name = "PATH")]
-    control: Option<PathBuf>,
-
-    /// Guest RAM as one region `ram0` of this size (e.g. 512M, 1G).
-    /// Ignored when --region is given.
-    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
-    memory: u64,
-
-    /// A guest RAM region: id=NAME,size=SIZE[,hugetlb][,path=FILE]. Repeat
-    /// for several; the first is the machine's main RAM, the others become
-    /// DIMMs. path= keeps the RAM in a tmpfs/hugetlbfs file that outlives gmemd.
-    #[arg(long, value_name = "SPEC", value_parser = parse_region)]
-    region: Vec<RegionSpec>,
-
-    /// Number of virtio-blk request queues (one worker thread each).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
-    queues: u16,
-
-    /// Serve the disk read-only (VIRTIO_BLK_F_RO; writes fail with IOERR).
-    #[arg(long)]
-    readonly: bool,
-
-    /// Device id returned to the guest's GET_ID (at most 20 bytes are used).
-    #[arg(long, default_value = "gmemd")]
-    serial: String,
-
-    /// Accept memory tables that name memory gmemd does not own, acting as
-    /// a plain vhost-user backend for QEMU-owned RAM.
-    #[arg(long)]
-    allow_foreign_memory: bool,
-
-    /// For tests only: accept QEMU's dirty log but never mark it, so a
-    /// precopy migration silently loses the device's writes. Exists to prove
-    /// that the migration tests' verification catches exactly that.
-    #[arg(long, hide = true)]
-    test_skip_dirty_log: bool,
+impl SocketFile {
+    fn bind(path: &Path, access: SocketAccess) -> Result<(Self, std::os::unix::net::UnixListener)> {
+        let listener = gmemd::sys::bind_socket(path, access).with_context(|| format!("binding {}", path.display()))?;
+        Ok((SocketFile(path.to_path_buf()), listener))
+    }
 }
 
-const EXAMPLES: &str = "Examples:
-  gmemd --socket /run/gmemd/vhost.sock --control /run/gmemd/control.sock --disk disk.raw --memory 1G
-  gmemd --socket vhost.sock --disk disk.raw --region id=ram0,size=1G --region id=ram1,size=512M --queues 2
-
-Logging goes to stderr; set RUST_LOG=info (or debug) for more.";
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
 
 fn main() -> Result<()> {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    gmemd::logging::RateLimitedLogger::install().context("installing the logger")?;
     let args = Args::parse();
-    let specs = if args.region.is_empty() {
-        vec![RegionSpec { id: "ram0".into(), size: args.memory, backing: Backing::Memfd }]
-    } else {
-        args.region.clone()
-    };
-    let mut ids: Vec<&str> = specs.iter().map(|s| s.id.as_str()).collect();
-    ids.sort_unstable();
-    if ids.windows(2).any(|w| w[0] == w[1]) {
-        bail!("--region ids must be unique");
-    }
+    let specs = args.region_specs()?;
     let regions = RegionSet::create(specs).context("creating guest RAM")?;
     let device_options = DeviceOptions {
         disk: args.disk.clone(),
@@ -101,6 +48,10 @@ fn main() -> Result<()> {
     let options = DaemonOptions {
         vhost_socket: args.socket.clone(),
         allow_foreign_memory: args.allow_foreign_memory,
+        frontend_policy: PeerPolicy::own_user().with(&args.allow_uid, &args.allow_gid),
+        max_frontends: usize::from(args.max_frontends),
+        postcopy_orphan_timeout: Duration::from_secs(args.postcopy_orphan_timeout),
+        queue_claim_patience: Duration::from_secs(5),
         skip_dirty_log_marks: args.test_skip_dirty_log,
     };
     if options.skip_dirty_log_marks {
@@ -109,41 +60,47 @@ fn main() -> Result<()> {
 
     // Signals are taken by one thread with sigwait, so no handler runs in
     // the middle of another thread's work; block them before any thread starts.
-    let signals = gmemd::sys::block_termination_signals().context("blocking SIGTERM/SIGINT")?;
+    let signals = gmemd::sys::block_termination_signals().context("blocking SIGTERM/SIGINT/SIGHUP")?;
     let daemon =
         Arc::new(Daemon::new(regions, device, options).context("creating the quit event and the event thread")?);
-    let vhost_listener =
-        gmemd::sys::bind_private_socket(&args.socket).with_context(|| format!("binding {}", args.socket.display()))?;
-    let control_thread = match &args.control {
-        Some(path) => {
-            let listener =
-                gmemd::sys::bind_private_socket(path).with_context(|| format!("binding {}", path.display()))?;
+    let vhost_access = SocketAccess { mode: args.socket_mode, group: args.socket_group };
+    let (vhost_file, vhost_listener) = SocketFile::bind(&args.socket, vhost_access)?;
+    let control = match &args.control {
+        Some(path) => Some(SocketFile::bind(path, SocketAccess::default())?),
+        None => None,
+    };
+    let control_thread = match control {
+        Some((file, listener)) => {
             let daemon = Arc::clone(&daemon);
-            Some(std::thread::Builder::new().name("control".into()).spawn(move || control::serve(daemon, listener))?)
+            let thread =
+                std::thread::Builder::new().name("control".into()).spawn(move || control::serve(daemon, listener))?;
+            Some((file, thread))
         }
         None => None,
     };
     {
         let daemon = Arc::clone(&daemon);
-        std::thread::Builder::new().name("signals".into()).spawn(move || {
-            if let Some(signal) = signals.wait() {
-                log::info!("signal {signal}: shutting down");
+        std::thread::Builder::new().name("signals".into()).spawn(move || loop {
+            match signals.wait() {
+                Some(libc::SIGHUP) => log::info!("SIGHUP ignored; SIGTERM or the `quit` command stops gmemd"),
+                Some(signal) => {
+                    log::info!("signal {signal}: shutting down");
+                    break daemon.quit();
+                }
+                None => break daemon.quit(),
             }
-            daemon.quit();
         })?;
     }
     log::info!("serving {} on {}", args.disk.display(), args.socket.display());
-    vhost::serve(Arc::clone(&daemon), vhost_listener).context("serving vhost-user")?;
-    if let Some(thread) = control_thread {
+    vhost::serve(Arc::clone(&daemon), vhost_listener, ConnectionThreads::default()).context("serving vhost-user")?;
+    if let Some((file, thread)) = control_thread {
         match thread.join() {
             Ok(result) => result.context("serving the control socket")?,
             Err(_) => bail!("the control thread panicked"),
         }
+        drop(file);
     }
-    let _ = std::fs::remove_file(&args.socket);
-    if let Some(path) = &args.control {
-        let _ = std::fs::remove_file(path);
-    }
+    drop(vhost_file);
     daemon.events.close();
     Ok(())
 }

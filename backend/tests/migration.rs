@@ -7,7 +7,7 @@
 mod common;
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use common::*;
@@ -27,16 +27,6 @@ const RING1: u64 = 0x1_0000;
 const HDR1: u64 = 0xa000;
 const STATUS1: u64 = 0xb000;
 const PAGE: u64 = 4096;
-
-fn memfd(name: &std::ffi::CStr, size: u64) -> File {
-    // SAFETY: a valid NUL-terminated name; the returned fd is new and ours.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-    // SAFETY: a fresh fd nothing else owns.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size).expect("size");
-    file
-}
 
 fn bit(log: &[u8], gpa: u64) -> bool {
     let page = gpa / PAGE;
@@ -66,7 +56,7 @@ fn dirty_log_marks_every_page_the_device_writes_while_logging_is_on() {
 
     // One bit per 4 KiB page of the 64 MiB of RAM.
     let log_len = (64 * MIB / PAGE / 8) as usize;
-    let log = memfd(c"dirty-log", log_len as u64);
+    let log = sealed_memfd(c"dirty-log", log_len as u64);
     let region = VhostUserDirtyLogRegion { mmap_size: log_len as u64, mmap_offset: 0, mmap_handle: log.as_raw_fd() };
     fe.vu.set_log_base(0, Some(region)).expect("SET_LOG_BASE");
     // Logging is still off: a read into guest RAM marks nothing.
@@ -353,14 +343,18 @@ fn unprivileged_gmemd_does_not_offer_postcopy_and_says_why() {
     let offered = fe.vu.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
     assert!(!offered.contains(VhostUserProtocolFeatures::PAGEFAULT), "{offered:?}");
 
-    // A frontend that acks it anyway is told why, and its ADVISE gets a
-    // reply without a userfaultfd; the connection goes on.
+    // A frontend that acks it anyway is told why, and the features it asked
+    // for are not in effect: an ADVISE after that breaks the protocol and
+    // ends only that connection.
     let protocol = VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::MQ | POSTCOPY;
     assert!(fe.vu.set_protocol_features(protocol).is_err(), "PAGEFAULT acked although not offered");
-    fe.vu.postcopy_advise().expect_err("no userfaultfd for an unprivileged gmemd");
     let log = daemon.log();
     assert!(log.contains("were not offered (postcopy: cannot create a userfaultfd"), "{log}");
-    assert!(log.contains("POSTCOPY_ADVISE refused"), "{log}");
+    fe.vu.postcopy_advise().expect_err("no userfaultfd for an unprivileged gmemd");
+    assert_closed_by_daemon(&mut fe.stream);
+    assert!(daemon.log().contains("POSTCOPY_ADVISE needs protocol feature"), "{}", daemon.log());
+    let mut fe = daemon.frontend();
+    fe.handshake(VhostUserProtocolFeatures::empty());
     let info = daemon.ctl().query_migration().expect("query");
     assert_eq!(info.state, MigrationState::None);
     assert!(info.postcopy.unavailable.as_deref().is_some_and(|r| r.contains(why)), "{info:?}");

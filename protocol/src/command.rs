@@ -22,6 +22,11 @@ pub enum Command {
     /// Where a migration stands on gmemd's side: dirty logging, postcopy
     /// registration, the device's page faults and their latency.
     QueryMigration,
+    /// Drop a postcopy registration whose destination QEMU disconnected
+    /// before the migration ended (gmemd keeps it for
+    /// `--postcopy-orphan-timeout`): requests waiting on its missing pages
+    /// fail instead of waiting.
+    PostcopyAbort,
     /// Stop serving and exit; regions are unmapped and, unless file-backed, freed.
     Quit,
 }
@@ -38,6 +43,7 @@ impl Command {
             Command::QueryRegions => "query-regions",
             Command::QueryDevice => "query-device",
             Command::QueryMigration => "query-migration",
+            Command::PostcopyAbort => "postcopy-abort",
             Command::Quit => "quit",
         }
     }

@@ -227,6 +227,10 @@ pub enum MigrationState {
     PostcopyRunning,
     /// POSTCOPY_END: registration dropped, normal operation restored.
     PostcopyEnded,
+    /// The postcopy's frontend disconnected before POSTCOPY_END and its
+    /// registration was dropped (timeout or `postcopy-abort`): guest RAM
+    /// holds zeros where pages never arrived.
+    PostcopyAborted,
 }
 
 /// Precopy dirty-log figures.

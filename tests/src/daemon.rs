@@ -171,7 +171,12 @@ impl Gmemd {
 
     /// What the daemon logged so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("gmemd.log")).unwrap_or_default()
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// The file the daemon logs to.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("gmemd.log")
     }
 
     /// Waits up to `timeout` for the daemon to exit; returns its status.

@@ -59,6 +59,9 @@ pub struct Vm {
     serial: PathBuf,
     qmp: PathBuf,
     qemu_log: PathBuf,
+    /// The gmemd it runs on, for diagnostics.
+    gmemd_log: PathBuf,
+    gmemd_control: PathBuf,
 }
 
 impl Vm {
@@ -96,7 +99,7 @@ impl Vm {
             ..SpawnOptions::default()
         };
         let qemu = QemuProcess::spawn_with(&command, &spawn).context("starting QEMU")?;
-        Ok(Vm { qemu, serial, qmp, qemu_log })
+        Ok(Vm { qemu, serial, qmp, qemu_log, gmemd_log: gmemd.log_path(), gmemd_control: gmemd.control.clone() })
     }
 
     /// QEMU's pid.
@@ -186,8 +189,17 @@ impl Vm {
         Ok(())
     }
 
-    /// The serial console and QEMU's log, for error messages.
+    /// The serial console, QEMU's log, and gmemd's log and device figures,
+    /// for error messages.
     fn diagnostics(&self) -> String {
-        format!("serial:\n{}\nQEMU's log:\n{}", self.serial_text(), self.qemu_log())
+        let gmemd_log = std::fs::read_to_string(&self.gmemd_log).unwrap_or_default();
+        let tail: Vec<&str> = gmemd_log.lines().rev().take(40).collect();
+        let device = gmem_protocol::ControlClient::connect(&self.gmemd_control).and_then(|mut c| c.query_device());
+        format!(
+            "serial:\n{}\nQEMU's log:\n{}\ngmemd's log (last lines):\n{}\ngmemd's device: {device:?}",
+            self.serial_text(),
+            self.qemu_log(),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )
     }
 }

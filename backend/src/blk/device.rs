@@ -1,7 +1,7 @@
 //! `BlkDevice`: executes parsed requests and keeps per-queue figures.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -11,7 +11,7 @@ use virtio_queue::desc::split::Descriptor;
 use super::config::{BlkConfig, SECTOR_SIZE};
 use super::disk::{Disk, DiskError};
 use super::request::{self, check_range, BlkRequest, Op, RequestError, SEGMENT_LEN};
-use crate::memory::{AccessCounters, GuestBuf, RamAccess};
+use crate::memory::{AccessCounters, AccessError, GuestBuf, RamAccess};
 
 /// What the device is built from (`--disk`, `--readonly`, `--queues`, `--serial`).
 #[derive(Debug, Clone)]
@@ -26,9 +26,10 @@ pub struct DeviceOptions {
     pub serial: String,
 }
 
-/// Figures for one virtqueue, shared by whichever connection runs it.
+/// One virtqueue of the device: which connection runs it, and its figures,
+/// which add up across the connections that ran it.
 #[derive(Debug, Default)]
-pub struct QueueStats {
+pub struct DeviceQueue {
     /// Requests completed.
     pub requests: AtomicU64,
     /// Requests completed with an error or dropped as malformed.
@@ -42,9 +43,11 @@ pub struct QueueStats {
     /// Error kinds already logged, one bit each, so a misbehaving guest
     /// cannot flood the log.
     logged: AtomicU32,
+    /// The ring stopped being processed (corrupt, or gone from guest RAM).
+    broken: AtomicBool,
 }
 
-impl QueueStats {
+impl DeviceQueue {
     /// Marks the queue as run by connection `owner`, waiting up to `patience`
     /// for another owner to let go of it: a connection that is going away
     /// (QEMU reconnecting, or the old QEMU of a live update stopping its
@@ -78,10 +81,29 @@ impl QueueStats {
         *self.owner.lock().unwrap_or_else(|p| p.into_inner()) != 0
     }
 
+    /// Marks the ring broken (its worker stopped processing it) or not.
+    pub fn set_broken(&self, broken: bool) {
+        self.broken.store(broken, Ordering::Relaxed);
+    }
+
+    /// Whether the ring is broken.
+    pub fn broken(&self) -> bool {
+        self.broken.load(Ordering::Relaxed)
+    }
+
     fn first_time(&self, error: &RequestError) -> bool {
         let bit = 1u32 << error.kind();
         self.logged.fetch_or(bit, Ordering::Relaxed) & bit == 0
     }
+}
+
+/// What became of one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Completed (successfully or not); the used length to publish.
+    Completed(u32),
+    /// Left undone: the queue was stopped while it waited for a guest page.
+    Abandoned,
 }
 
 /// The virtio-blk device.
@@ -90,7 +112,7 @@ pub struct BlkDevice {
     disk: Disk,
     config: BlkConfig,
     id: [u8; VIRTIO_BLK_ID_BYTES as usize],
-    queues: Vec<QueueStats>,
+    queues: Vec<DeviceQueue>,
 }
 
 impl BlkDevice {
@@ -103,7 +125,7 @@ impl BlkDevice {
         let serial = options.serial.as_bytes();
         let n = serial.len().min(id.len());
         id[..n].copy_from_slice(&serial[..n]);
-        let queues = (0..options.queues).map(|_| QueueStats::default()).collect();
+        let queues = (0..options.queues).map(|_| DeviceQueue::default()).collect();
         Ok(BlkDevice { disk, config, id, queues })
     }
 
@@ -117,21 +139,24 @@ impl BlkDevice {
         &self.disk
     }
 
-    /// Per-queue figures.
-    pub fn queues(&self) -> &[QueueStats] {
+    /// The queues.
+    pub fn queues(&self) -> &[DeviceQueue] {
         &self.queues
     }
 
-    /// Parses and executes one request from `chain` on queue `queue`, writes
-    /// its status, and returns the used length (bytes written to the guest).
-    /// Never fails: whatever the guest put in the chain, the request is
-    /// completed, with an error status if need be.
-    pub fn handle(&self, chain: impl Iterator<Item = Descriptor>, access: &RamAccess, queue: &QueueStats) -> u32 {
+    /// Parses and executes one request from `chain` on queue `queue` and
+    /// writes its status. Whatever the guest put in the chain, the request
+    /// is completed, with an error status if need be; it is only left
+    /// undone when the queue was stopped while it waited for a guest page.
+    pub fn handle(&self, chain: impl Iterator<Item = Descriptor>, access: &RamAccess, queue: &DeviceQueue) -> Outcome {
         let capacity = self.disk.capacity_bytes() / SECTOR_SIZE;
         let (status_addr, outcome) = match request::parse(chain, access, capacity, self.disk.readonly()) {
             Ok(request) => (Some(request.status), self.execute(&request, access)),
             Err(rejected) => (rejected.status, Err(rejected.error)),
         };
+        if matches!(outcome, Err(RequestError::Access(AccessError::Cancelled))) {
+            return Outcome::Abandoned;
+        }
         queue.requests.fetch_add(1, Ordering::Relaxed);
         let (status, written) = match outcome {
             Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
@@ -147,11 +172,12 @@ impl BlkDevice {
                 (error.status(), 0)
             }
         };
-        let Some(status_addr) = status_addr else { return 0 };
+        let Some(status_addr) = status_addr else { return Outcome::Completed(0) };
         match access.write_into(&[GuestBuf { addr: status_addr, len: 1 }], &[status]) {
             // The used length is at most the chain's length, itself < 2^32.
-            Ok(_) => u32::try_from(written + 1).unwrap_or(u32::MAX),
-            Err(_) => 0,
+            Ok(_) => Outcome::Completed(u32::try_from(written + 1).unwrap_or(u32::MAX)),
+            Err(AccessError::Cancelled) => Outcome::Abandoned,
+            Err(_) => Outcome::Completed(0),
         }
     }
 

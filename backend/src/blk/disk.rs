@@ -3,6 +3,7 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use super::config::SECTOR_SIZE;
@@ -16,6 +17,11 @@ pub enum DiskError {
     /// The image is smaller than one sector.
     #[error("disk image {path} is {len} bytes; it needs at least one 512-byte sector")]
     TooSmall { path: PathBuf, len: u64 },
+    /// The image's mode allows nobody to write it.
+    #[error(
+        "disk image {path} is read-only (mode {mode:o}); pass --readonly to serve it read-only, or make it writable"
+    )]
+    ReadOnlyImage { path: PathBuf, mode: u32 },
 }
 
 /// A raw disk image.
@@ -32,6 +38,12 @@ impl Disk {
     /// whole sectors.
     pub fn open(path: &Path, readonly: bool) -> Result<Self, DiskError> {
         let open_error = |source| DiskError::Open { path: path.to_path_buf(), source };
+        // Root may open any file for writing; an image nobody may write is
+        // meant to stay unchanged, so it is served read-only or not at all.
+        let mode = std::fs::metadata(path).map_err(open_error)?.permissions().mode();
+        if !readonly && mode & 0o222 == 0 {
+            return Err(DiskError::ReadOnlyImage { path: path.to_path_buf(), mode: mode & 0o7777 });
+        }
         let file = OpenOptions::new().read(true).write(!readonly).open(path).map_err(open_error)?;
         let len = file.metadata().map_err(open_error)?.len();
         if len < SECTOR_SIZE {
@@ -124,6 +136,11 @@ mod tests {
         std::fs::write(&path, [0u8; 100]).expect("write");
         assert!(matches!(Disk::open(&path, false), Err(DiskError::TooSmall { .. })));
         assert!(matches!(Disk::open(&dir.path().join("missing"), true), Err(DiskError::Open { .. })));
+        std::fs::write(&path, vec![0u8; 4096]).expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444)).expect("chmod");
+        let error = Disk::open(&path, false).expect_err("a 0444 image is not written, even by root");
+        assert!(matches!(error, DiskError::ReadOnlyImage { mode: 0o444, .. }), "{error}");
+        assert!(Disk::open(&path, true).is_ok(), "it can be served read-only");
     }
 
     #[test]

@@ -16,6 +16,10 @@ pub fn execute(daemon: &Daemon, command: &Command) -> Result<Value, ErrorReply> 
             info.postcopy.unavailable = daemon.postcopy_unavailable().map(str::to_owned);
             serde_json::to_value(info)
         }
+        Command::PostcopyAbort => {
+            let dropped = daemon.abort_postcopy("the postcopy-abort command");
+            Ok(serde_json::json!({ "dropped": dropped }))
+        }
         Command::Quit => Ok(Value::Object(Default::default())),
     };
     value.map_err(|e| ErrorReply::new(ErrorClass::GenericError, format!("cannot encode the reply: {e}")))

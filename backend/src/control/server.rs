@@ -3,110 +3,85 @@
 //! A client can send anything: garbage, half lines, lines of megabytes. Each
 //! complete line gets exactly one reply; an over-long line gets an error and
 //! is skipped up to its newline; nothing a client sends ends the daemon or
-//! another client's session.
+//! another client's session. Replies and events go through the client's
+//! bounded outbox (`crate::events`), so a client that stops reading is
+//! disconnected rather than held in memory.
 
 use std::io::{self, BufRead, BufReader, Read};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
 
 use gmem_protocol::{Command, ErrorClass, ErrorReply, Reply, Request, MAX_LINE_BYTES};
 
 use super::commands;
-use super::events::{send_line, ClientWriter};
 use crate::daemon::Daemon;
-use crate::sys::{peer_credentials, wait_readable};
+use crate::events::ControlPeer;
+use crate::peers::PeerPolicy;
 
-/// Whether a peer with `peer_uid` may use a daemon running as `daemon_uid`:
-/// the same user, or root.
-pub fn peer_allowed(peer_uid: u32, daemon_uid: u32) -> bool {
-    peer_uid == daemon_uid || peer_uid == 0
-}
+/// Control clients served at once; more are refused at accept.
+pub const MAX_CLIENTS: usize = 64;
 
-/// Serves control clients on `listener` until the daemon quits.
+/// Serves control clients on `listener` until the daemon quits. Only root
+/// and the daemon's own user may connect.
 pub fn serve(daemon: Arc<Daemon>, listener: UnixListener) -> io::Result<()> {
-    listener.set_nonblocking(true)?;
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let daemon_uid = unsafe { libc::geteuid() };
-    while wait_readable(&listener, daemon.quit_event())? {
-        let stream = match listener.accept() {
-            Ok((stream, _)) => stream,
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(error) => {
-                log::error!("control: accept: {error}");
-                continue;
-            }
-        };
-        match peer_credentials(&stream) {
-            Ok(peer) if peer_allowed(peer.uid, daemon_uid) => {}
-            Ok(peer) => {
-                log::warn!(
-                    "control: refused pid {} uid {} (only uid {daemon_uid} or root may connect)",
-                    peer.pid,
-                    peer.uid
-                );
-                continue;
-            }
-            Err(error) => {
-                log::warn!("control: refused a client whose credentials cannot be read: {error}");
-                continue;
-            }
+    crate::listener::accept_loop(&daemon, &listener, "control socket", &PeerPolicy::own_user(), |stream, peer| {
+        if daemon.events.clients() >= MAX_CLIENTS {
+            log::warn!("control socket: refused pid {}: {MAX_CLIENTS} clients are connected already", peer.pid);
+            return;
         }
-        let daemon = Arc::clone(&daemon);
+        let Ok(writer) = stream.try_clone() else {
+            log::error!("control socket: cannot duplicate a new client's socket; closing it");
+            return;
+        };
+        let peer = Arc::new(ControlPeer::new(writer));
+        daemon.events.register(Arc::clone(&peer));
+        let client_daemon = Arc::clone(&daemon);
         let spawned = std::thread::Builder::new().name("control-client".into()).spawn(move || {
-            if let Err(error) = serve_client(&daemon, stream) {
+            if let Err(error) = serve_client(&client_daemon, &peer, stream) {
                 log::debug!("control client ended: {error}");
             }
+            client_daemon.events.unregister(&peer);
         });
         if let Err(error) = spawned {
-            log::error!("control: cannot start a client thread: {error}");
+            log::error!("control socket: cannot start a client thread: {error}");
         }
-    }
-    Ok(())
+    })
 }
 
-fn serve_client(daemon: &Daemon, stream: UnixStream) -> io::Result<()> {
+fn serve_client(daemon: &Daemon, peer: &ControlPeer, stream: UnixStream) -> io::Result<()> {
     stream.set_nonblocking(false)?;
-    // A client that stops reading must not block event delivery to others.
-    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
-    let writer: ClientWriter = Arc::new(Mutex::new(stream.try_clone()?));
-    daemon.events.subscribe(Arc::clone(&writer));
     let mut reader = LineReader::new(stream, MAX_LINE_BYTES);
-    let result = loop {
-        let reply = match reader.read_line() {
-            Ok(ReadLine::Line(line)) if line.trim().is_empty() => continue,
-            Ok(ReadLine::Line(line)) => match Request::parse(&line) {
+    loop {
+        let reply = match reader.read_line()? {
+            ReadLine::Line(line) if line.trim().is_empty() => continue,
+            ReadLine::Line(line) => match Request::parse(&line) {
                 Ok(request) => {
-                    let id = request.id.clone();
                     let reply = match commands::execute(daemon, &request.command) {
-                        Ok(value) => Reply::Return { value, id },
-                        Err(error) => Reply::Error { error, id },
+                        Ok(value) => Reply::Return { value, id: request.id.clone() },
+                        Err(error) => Reply::Error { error, id: request.id.clone() },
                     };
                     if request.command == Command::Quit {
-                        let _ = send_line(&writer, &reply.to_line());
+                        daemon.events.send(peer, &reply.to_line());
                         daemon.quit();
-                        break Ok(());
+                        return Ok(());
                     }
                     reply
                 }
                 Err((error, id)) => Reply::Error { error, id },
             },
-            Ok(ReadLine::TooLong) => Reply::Error {
+            ReadLine::TooLong => Reply::Error {
                 error: ErrorReply::new(
                     ErrorClass::GenericError,
                     format!("request line longer than {MAX_LINE_BYTES} bytes; skipped"),
                 ),
                 id: None,
             },
-            Ok(ReadLine::Eof) => break Ok(()),
-            Err(error) => break Err(error),
+            ReadLine::Eof => return Ok(()),
         };
-        if let Err(error) = send_line(&writer, &reply.to_line()) {
-            break Err(error);
+        if !daemon.events.send(peer, &reply.to_line()) {
+            return Ok(());
         }
-    };
-    daemon.events.unsubscribe(&writer);
-    result
+    }
 }
 
 /// One read from a [`LineReader`].
@@ -168,15 +143,6 @@ impl<R: Read> LineReader<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn only_the_same_user_or_root_may_connect() {
-        assert!(peer_allowed(1000, 1000));
-        assert!(peer_allowed(0, 1000));
-        assert!(!peer_allowed(1001, 1000));
-        assert!(!peer_allowed(1000, 0));
-        assert!(peer_allowed(0, 0));
-    }
 
     #[test]
     fn lines_are_bounded_and_resync_after_an_overlong_one() {

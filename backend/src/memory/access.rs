@@ -14,12 +14,12 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::GuestRam;
-use crate::migration::Tracking;
+use crate::migration::{MissingPage, Tracking};
 
 /// How many bytes moved between the device and guest RAM.
 #[derive(Debug, Default)]
@@ -61,6 +61,13 @@ pub enum AccessError {
     /// The disk ended before the transfer did (the image shrank under us).
     #[error("disk I/O stopped after {done} of {wanted} bytes")]
     Short { done: u64, wanted: u64 },
+    /// A postcopy page the request needs will not arrive.
+    #[error(transparent)]
+    Missing(#[from] MissingPage),
+    /// The queue was stopped while the request waited for a page; nothing
+    /// was moved.
+    #[error("the queue was stopped while the request waited for a guest page")]
+    Cancelled,
 }
 
 /// Checked, counted access to one `GuestRam` snapshot.
@@ -69,6 +76,9 @@ pub struct RamAccess<'a> {
     ram: &'a GuestRam,
     counters: &'a AccessCounters,
     tracking: &'a Tracking,
+    /// Set when the queue is stopped: a request that waited on a postcopy
+    /// page moves no data once it wakes.
+    stopped: Option<&'a AtomicBool>,
 }
 
 /// Linux's IOV_MAX: the most iovecs one preadv/pwritev takes.
@@ -77,7 +87,12 @@ const IOV_MAX: usize = 1024;
 impl<'a> RamAccess<'a> {
     /// Access to `ram`, counted in `counters`, with migration `tracking`.
     pub fn new(ram: &'a GuestRam, counters: &'a AccessCounters, tracking: &'a Tracking) -> Self {
-        RamAccess { ram, counters, tracking }
+        RamAccess { ram, counters, tracking, stopped: None }
+    }
+
+    /// The same access, for a queue whose stop flag is `stopped`.
+    pub fn stopped_by(self, stopped: &'a AtomicBool) -> Self {
+        RamAccess { stopped: Some(stopped), ..self }
     }
 
     /// The worker wrote `len` bytes of ring bookkeeping at `addr` (the used
@@ -88,8 +103,18 @@ impl<'a> RamAccess<'a> {
 
     /// During postcopy, faults in the pages of `bufs` that have not arrived.
     fn fault_in(&self, bufs: &[GuestBuf]) -> Result<(), AccessError> {
-        if self.tracking.stats.faults_possible() {
-            self.tracking.before_access(&self.iovecs(bufs)?);
+        if !self.tracking.stats.faults_possible() {
+            return Ok(());
+        }
+        self.await_pages(&self.iovecs(bufs)?)
+    }
+
+    /// Faults in the pages of `iovecs` that have not arrived; then, if the
+    /// queue was stopped meanwhile, gives up.
+    fn await_pages(&self, iovecs: &[libc::iovec]) -> Result<(), AccessError> {
+        self.tracking.before_access(iovecs)?;
+        if self.stopped.is_some_and(|s| s.load(Ordering::Acquire)) {
+            return Err(AccessError::Cancelled);
         }
         Ok(())
     }
@@ -192,7 +217,9 @@ impl<'a> RamAccess<'a> {
 
     fn transfer(&self, bufs: &[GuestBuf], disk: &File, offset: u64, direction: Direction) -> Result<u64, AccessError> {
         let mut iovecs = self.iovecs(bufs)?;
-        self.tracking.before_access(&iovecs);
+        if self.tracking.stats.faults_possible() {
+            self.await_pages(&iovecs)?;
+        }
         let wanted: u64 = iovecs.iter().map(|iov| iov.iov_len as u64).sum();
         let mut done = 0u64;
         let mut first = 0usize;
@@ -301,7 +328,7 @@ mod tests {
         let (_regions, ram) = ram();
         let counters = AccessCounters::default();
         let tracking = Tracking::new(Arc::default(), false);
-        let log_file = tempfile::tempfile().expect("log");
+        let log_file = crate::sys::memfd("log", libc::MFD_ALLOW_SEALING).expect("memfd");
         log_file.set_len(128).expect("size");
         tracking.log.set_base(log_file.try_clone().expect("dup"), 128, 0).expect("map");
         tracking.log.set_enabled(true);

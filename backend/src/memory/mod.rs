@@ -36,6 +36,11 @@ impl RegionSet {
         self.iter().any(|r| matches!(r.backing(), Backing::MemfdHugetlb))
     }
 
+    /// The region with id `id`.
+    pub fn get(&self, id: &str) -> Option<&Arc<GuestRegion>> {
+        self.regions.iter().find(|r| r.id() == id)
+    }
+
     /// The region whose file is `identity`, if the daemon owns it.
     pub fn find(&self, identity: FileIdentity) -> Option<&Arc<GuestRegion>> {
         self.regions.iter().find(|r| r.identity() == identity)

@@ -5,10 +5,9 @@
 //! file is sealed against shrink and grow, no frontend can truncate it under
 //! the daemon: a truncation would turn the daemon's own accesses into SIGBUS.
 
-use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -207,25 +206,8 @@ fn advise_hugepages(mapping: &MmapRegion) -> bool {
 }
 
 fn create_memfd(id: &str, extra_flags: libc::c_uint) -> Result<File, RegionError> {
-    let err = |source| RegionError::Create { id: id.to_string(), source };
-    let name = CString::new(format!("gmemd-{id}")).map_err(|e| err(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
-    let base = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING | extra_flags;
-    // Guest RAM is never executed from the host side: ask for a no-exec memfd
-    // (Linux 6.3+), and fall back to a plain one on older kernels.
-    for flags in [base | libc::MFD_NOEXEC_SEAL, base] {
-        // SAFETY: `name` is a valid NUL-terminated string; memfd_create does
-        // not keep the pointer.
-        let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
-        if fd >= 0 {
-            // SAFETY: memfd_create returned a new fd that nothing else owns.
-            return Ok(unsafe { File::from_raw_fd(fd) });
-        }
-        let error = io::Error::last_os_error();
-        if error.raw_os_error() != Some(libc::EINVAL) || flags == base {
-            return Err(err(error));
-        }
-    }
-    Err(err(io::Error::from_raw_os_error(libc::EINVAL)))
+    crate::sys::memfd(&format!("gmemd-{id}"), libc::MFD_ALLOW_SEALING | extra_flags)
+        .map_err(|source| RegionError::Create { id: id.to_string(), source })
 }
 
 fn open_backing_file(id: &str, path: &Path) -> Result<File, RegionError> {

@@ -17,13 +17,13 @@ use vm_memory::{
     GuestRegionCollection, GuestUsize, MemoryRegionAddress, VolatileMemory, VolatileSlice,
 };
 
-use super::{FileIdentity, RegionSet};
+use super::{FileIdentity, GuestRegion, RegionSet};
 
 /// Guest memory as the device sees it: the views of one memory table.
 pub type GuestRam = GuestRegionCollection<RamView>;
 
 /// One memory-table entry as the frontend describes it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MemRegionDesc {
     /// Guest-physical address of the range.
     pub gpa: u64,
@@ -50,6 +50,9 @@ pub enum TableError {
     /// Mapping foreign memory failed.
     #[error("mapping foreign memory at GPA {gpa:#x}: {source}")]
     MapForeign { gpa: u64, source: vm_memory::mmap::MmapRegionError },
+    /// Foreign memory that is too short, or could shrink under gmemd.
+    #[error("foreign memory at GPA {gpa:#x}: {source}")]
+    ForeignFile { gpa: u64, source: crate::sys::SharedFileError },
     /// The range is empty or overflows the address space.
     #[error("invalid range at GPA {gpa:#x}, {size:#x} bytes")]
     InvalidRange { gpa: u64, size: u64 },
@@ -98,6 +101,12 @@ impl RamView {
     pub fn host_addr(&self) -> u64 {
         self.mapping.as_ptr() as u64 + self.offset as u64
     }
+
+    /// The frontend's fd behind foreign memory (`None` for own regions).
+    pub fn foreign_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.owner.is_none().then(|| self.mapping.file_offset().map(|f| f.file().as_raw_fd())).flatten()
+    }
 }
 
 impl GuestMemoryRegion for RamView {
@@ -130,6 +139,30 @@ impl GuestMemoryRegion for RamView {
 }
 
 impl GuestMemoryRegionBytes for RamView {}
+
+/// A view of `desc`'s range of an own region.
+fn own_view(region: &GuestRegion, desc: MemRegionDesc) -> Result<RamView, TableError> {
+    let (gpa, size) = (desc.gpa, desc.size);
+    let fits = desc.mmap_offset.checked_add(size).is_some_and(|e| e <= region.size());
+    if !fits {
+        return Err(TableError::OutOfRegion {
+            gpa,
+            offset: desc.mmap_offset,
+            size,
+            region: region.id().to_string(),
+            region_size: region.size(),
+        });
+    }
+    Ok(RamView {
+        mapping: Arc::clone(region.mapping()),
+        // Both fit in the region, whose size is a usize.
+        offset: usize::try_from(desc.mmap_offset).map_err(|_| TableError::InvalidRange { gpa, size })?,
+        len: usize::try_from(size).map_err(|_| TableError::InvalidRange { gpa, size })?,
+        desc,
+        owner: Some(region.id().to_string()),
+        hugepage_advised: region.hugepage_advised(),
+    })
+}
 
 /// The most ranges a table holds: QEMU's VHOST_USER_MAX_RAM_SLOTS.
 pub const MAX_MEM_SLOTS: usize = 509;
@@ -166,6 +199,36 @@ impl MemoryTable {
         allow_foreign: bool,
     ) -> Result<(), TableError> {
         let (gpa, size) = (desc.gpa, desc.size);
+        self.check_free(&desc)?;
+        let len = usize::try_from(size).map_err(|_| TableError::InvalidRange { gpa, size })?;
+        let identity = FileIdentity::of(&file).map_err(|source| TableError::Identify { gpa, source })?;
+        let view = match regions.find(identity) {
+            Some(region) => own_view(region, desc)?,
+            None if allow_foreign => {
+                // The frontend keeps its fd and could truncate the file:
+                // seal it against that, or refuse it, before mapping.
+                let end = desc.mmap_offset.checked_add(size).ok_or(TableError::InvalidRange { gpa, size })?;
+                crate::sys::pin_shared_file_size(&file, end)
+                    .map_err(|source| TableError::ForeignFile { gpa, source })?;
+                let mapping = MmapRegion::from_file(FileOffset::new(file, desc.mmap_offset), len)
+                    .map_err(|source| TableError::MapForeign { gpa, source })?;
+                RamView { mapping: Arc::new(mapping), offset: 0, len, desc, owner: None, hugepage_advised: false }
+            }
+            None => return Err(TableError::Foreign { gpa, size }),
+        };
+        self.insert(view)
+    }
+
+    /// Adds one range of an own region by the region itself (a table
+    /// restored from a record names regions by id).
+    pub fn add_own(&mut self, region: &GuestRegion, desc: MemRegionDesc) -> Result<(), TableError> {
+        self.check_free(&desc)?;
+        let view = own_view(region, desc)?;
+        self.insert(view)
+    }
+
+    fn check_free(&self, desc: &MemRegionDesc) -> Result<(), TableError> {
+        let (gpa, size) = (desc.gpa, desc.size);
         let end = gpa.checked_add(size).filter(|_| size > 0).ok_or(TableError::InvalidRange { gpa, size })?;
         if self.views.len() >= MAX_MEM_SLOTS {
             return Err(TableError::Full { max: MAX_MEM_SLOTS });
@@ -173,37 +236,10 @@ impl MemoryTable {
         if self.views.iter().any(|v| v.desc.gpa < end && gpa < v.desc.gpa + v.desc.size) {
             return Err(TableError::Overlap { gpa });
         }
-        let len = usize::try_from(size).map_err(|_| TableError::InvalidRange { gpa, size })?;
-        let identity = FileIdentity::of(&file).map_err(|source| TableError::Identify { gpa, source })?;
-        let view = match regions.find(identity) {
-            Some(region) => {
-                let fits = desc.mmap_offset.checked_add(size).is_some_and(|e| e <= region.size());
-                if !fits {
-                    return Err(TableError::OutOfRegion {
-                        gpa,
-                        offset: desc.mmap_offset,
-                        size,
-                        region: region.id().to_string(),
-                        region_size: region.size(),
-                    });
-                }
-                RamView {
-                    mapping: Arc::clone(region.mapping()),
-                    // Fits in the region, whose size is a usize.
-                    offset: usize::try_from(desc.mmap_offset).map_err(|_| TableError::InvalidRange { gpa, size })?,
-                    len,
-                    desc,
-                    owner: Some(region.id().to_string()),
-                    hugepage_advised: region.hugepage_advised(),
-                }
-            }
-            None if allow_foreign => {
-                let mapping = MmapRegion::from_file(FileOffset::new(file, desc.mmap_offset), len)
-                    .map_err(|source| TableError::MapForeign { gpa, source })?;
-                RamView { mapping: Arc::new(mapping), offset: 0, len, desc, owner: None, hugepage_advised: false }
-            }
-            None => return Err(TableError::Foreign { gpa, size }),
-        };
+        Ok(())
+    }
+
+    fn insert(&mut self, view: RamView) -> Result<(), TableError> {
         self.views.push(view);
         self.views.sort_by_key(|v| v.desc.gpa);
         Ok(())
@@ -300,15 +336,22 @@ mod tests {
     #[test]
     fn foreign_memory_is_refused_by_default_and_mapped_when_allowed() {
         let regions = regions();
-        let foreign = tempfile::tempfile().expect("tmp");
+        let foreign = crate::sys::memfd("foreign", libc::MFD_ALLOW_SEALING).expect("memfd");
         foreign.set_len(MIB).expect("size");
         let mut table = MemoryTable::default();
         let error =
             table.add(&regions, desc(0, MIB, 0), foreign.try_clone().expect("dup"), false).expect_err("foreign");
         assert!(matches!(error, TableError::Foreign { .. }), "{error}");
         assert!(error.to_string().contains("--allow-foreign-memory"));
-        table.add(&regions, desc(0, MIB, 0), foreign, true).expect("allowed");
+        let past_its_end = table.add(&regions, desc(0, 2 * MIB, 0), foreign.try_clone().expect("dup"), true);
+        assert!(matches!(past_its_end, Err(TableError::ForeignFile { .. })), "a range longer than the file");
+        table.add(&regions, desc(0, MIB, 0), foreign.try_clone().expect("dup"), true).expect("allowed");
         assert_eq!(table.views()[0].owner(), None);
+        assert!(foreign.set_len(4096).is_err(), "gmemd sealed it against shrinking");
+        let unsealable = tempfile::tempfile().expect("tmp");
+        unsealable.set_len(MIB).expect("size");
+        let refused = table.add(&regions, desc(MIB, MIB, 0), unsealable, true);
+        assert!(matches!(refused, Err(TableError::ForeignFile { .. })), "a file that could shrink");
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub enum LogError {
     /// mmap failed.
     #[error("mapping the dirty log: {0}")]
     Map(#[from] MmapRegionError),
+    /// The log's file is too short or could shrink under gmemd.
+    #[error("the dirty log's fd: {0}")]
+    File(#[from] crate::sys::SharedFileError),
 }
 
 /// One frontend's dirty log.
@@ -57,12 +60,25 @@ impl DirtyLog {
 
     /// SET_LOG_BASE: maps `size` bytes of `file` at `offset`, replacing any
     /// earlier log (QEMU sends a new one when guest memory grows).
+    /// The file must cover the range and be sealed against shrinking (gmemd
+    /// seals it when it can): marks are writes into it, and a truncation
+    /// would turn them into SIGBUS. QEMU's log memfd is sealed already.
     pub fn set_base(&self, file: File, size: u64, offset: u64) -> Result<(), LogError> {
         let len = usize::try_from(size).ok().filter(|len| *len > 0).ok_or(LogError::BadSize(size))?;
+        let end = offset.checked_add(size).ok_or(LogError::BadSize(size))?;
+        crate::sys::pin_shared_file_size(&file, end)?;
         let region = MmapRegion::from_file(FileOffset::new(file, offset), len)?;
         *self.lock() = Some(Arc::new(region));
         self.stats.set_log(self.active(), size);
         Ok(())
+    }
+
+    /// The mapped log's fd, size and offset in the fd, if one is mapped.
+    pub fn mapped(&self) -> Option<(std::os::fd::RawFd, u64, u64)> {
+        use std::os::fd::AsRawFd;
+        let bitmap = self.lock().clone()?;
+        let file = bitmap.file_offset()?;
+        Some((file.file().as_raw_fd(), bitmap.size() as u64, file.start()))
     }
 
     /// VHOST_F_LOG_ALL switched on or off (SET_FEATURES).
@@ -123,7 +139,7 @@ mod tests {
     use std::os::unix::fs::FileExt;
 
     fn log_file(bytes: u64) -> File {
-        let file = tempfile::tempfile().expect("tmp");
+        let file = crate::sys::memfd("log", libc::MFD_ALLOW_SEALING).expect("memfd");
         file.set_len(bytes).expect("size");
         file
     }

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 pub use dirty_log::{DirtyLog, LogError, LOG_PAGE};
 pub use latency::LatencyHistogram;
-pub use postcopy::{fault_in, PostcopyError, PostcopyPhase, PostcopySession};
+pub use postcopy::{fault_in, HostRange, MissingPage, PostcopyError, PostcopyPhase, PostcopySession};
 pub use stats::MigrationStats;
 pub use userfault::{Userfault, UserfaultError};
 
@@ -47,11 +47,10 @@ impl Tracking {
         self.stats.device_wrote(len);
     }
 
-    /// The device is about to touch these host ranges of guest RAM: during
-    /// postcopy, fault in and time the pages that have not arrived.
-    pub fn before_access(&self, iovecs: &[libc::iovec]) {
-        if self.stats.faults_possible() {
-            fault_in(iovecs, &self.stats);
-        }
+    /// The device is about to touch these host ranges of guest RAM while
+    /// faults are possible (postcopy): fault in and time the pages that
+    /// have not arrived.
+    pub fn before_access(&self, iovecs: &[libc::iovec]) -> Result<(), MissingPage> {
+        fault_in(iovecs, &self.stats)
     }
 }

@@ -22,7 +22,6 @@ use gmem_protocol::MigrationState;
 
 use super::userfault::{Userfault, UserfaultError};
 use super::MigrationStats;
-use crate::memory::RamView;
 
 /// Where a session stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,12 +50,15 @@ pub enum PostcopyError {
     Madvise { advice: &'static str, addr: u64, len: u64, source: std::io::Error },
 }
 
+/// A range of gmemd's own mapping of guest RAM to register.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Registration {
-    addr: u64,
-    len: u64,
-    /// MADV_HUGEPAGE to put back at the end.
-    hugepage: bool,
+pub struct HostRange {
+    /// gmemd's address of its first byte.
+    pub addr: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Whether gmemd asked for transparent huge pages on it (given back at the end).
+    pub hugepage: bool,
 }
 
 /// One postcopy, destination side.
@@ -64,7 +66,7 @@ struct Registration {
 pub struct PostcopySession {
     uffd: Userfault,
     phase: PostcopyPhase,
-    registered: Vec<Registration>,
+    registered: Vec<HostRange>,
     stats: Arc<MigrationStats>,
 }
 
@@ -105,18 +107,17 @@ impl PostcopySession {
     /// QEMU's ack of the memory table: registers every view not registered
     /// yet for missing-page faults, after turning THP off on it (a collapse
     /// would fill missing pages behind QEMU's back).
-    pub fn register(&mut self, views: &[RamView]) -> Result<(), PostcopyError> {
+    pub fn register(&mut self, ranges: &[HostRange]) -> Result<(), PostcopyError> {
         if !self.listening() {
             return Err(PostcopyError::OutOfOrder { message: "the memory-table ack", phase: self.phase });
         }
-        for view in views {
-            let (addr, len) = (view.host_addr(), view.desc().size);
-            if self.registered.iter().any(|r| r.addr == addr && r.len == len) {
+        for range in ranges {
+            if self.registered.iter().any(|r| r.addr == range.addr && r.len == range.len) {
                 continue;
             }
-            madvise(addr, len, libc::MADV_NOHUGEPAGE, "MADV_NOHUGEPAGE")?;
-            self.uffd.register_missing(addr, len)?;
-            self.registered.push(Registration { addr, len, hugepage: view.hugepage_advised() });
+            madvise(range.addr, range.len, libc::MADV_NOHUGEPAGE, "MADV_NOHUGEPAGE")?;
+            self.uffd.register_missing(range.addr, range.len)?;
+            self.registered.push(*range);
         }
         self.phase = PostcopyPhase::Registered;
         self.stats.set_registered(self.registered_bytes());
@@ -138,6 +139,15 @@ impl PostcopySession {
         let result = self.unregister_all();
         self.phase = PostcopyPhase::Ended;
         self.stats.set_state(MigrationState::PostcopyEnded);
+        result
+    }
+
+    /// Drops the registration of a postcopy that will not complete (its
+    /// frontend is gone): every worker waiting on a missing page wakes up.
+    pub fn abort(&mut self) -> Result<(), PostcopyError> {
+        let result = self.unregister_all();
+        self.phase = PostcopyPhase::Ended;
+        self.stats.set_state(MigrationState::PostcopyAborted);
         result
     }
 
@@ -193,8 +203,10 @@ fn madvise(addr: u64, len: u64, advice: i32, name: &'static str) -> Result<(), P
 ///
 /// MADV_POPULATE_READ faults like a read would, but reports failure as an
 /// error rather than SIGBUS, so a userfaultfd that goes away under a waiting
-/// worker fails that request instead of killing the daemon.
-pub fn fault_in(iovecs: &[libc::iovec], stats: &MigrationStats) {
+/// worker fails that request instead of killing the daemon. While the
+/// registration is orphaned (its frontend is gone) no page will ever
+/// arrive: a missing page then fails the request at once.
+pub fn fault_in(iovecs: &[libc::iovec], stats: &MigrationStats) -> Result<(), MissingPage> {
     const PAGE: usize = 4096;
     let mut residency = Vec::new();
     for iov in iovecs.iter().filter(|iov| iov.iov_len > 0) {
@@ -219,14 +231,30 @@ pub fn fault_in(iovecs: &[libc::iovec], stats: &MigrationStats) {
             if unsafe { libc::mincore(page as *mut libc::c_void, PAGE, &mut now) } == 0 && now & 1 == 1 {
                 continue;
             }
+            if stats.orphaned() {
+                return Err(MissingPage::Orphaned);
+            }
             let started = Instant::now();
             // SAFETY: one whole page of the same live mapping; populating
             // reads it in (through QEMU's resolution of the fault) and does
             // not change its content.
             let ret = unsafe { libc::madvise(page as *mut libc::c_void, PAGE, libc::MADV_POPULATE_READ) };
-            if ret == 0 {
-                stats.fault_resolved(u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX));
+            if ret != 0 {
+                return Err(MissingPage::Fault(std::io::Error::last_os_error()));
             }
+            stats.fault_resolved(u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX));
         }
     }
+    Ok(())
+}
+
+/// Why a page the device needs did not arrive.
+#[derive(Debug, thiserror::Error)]
+pub enum MissingPage {
+    /// The postcopy's frontend is gone; nobody will place the page.
+    #[error("a guest page has not arrived and its postcopy frontend is gone")]
+    Orphaned,
+    /// Faulting the page in failed.
+    #[error("faulting in a guest page that has not arrived: {0}")]
+    Fault(std::io::Error),
 }

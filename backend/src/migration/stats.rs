@@ -21,18 +21,21 @@ pub struct MigrationStats {
     /// Guest RAM registered for missing-page faults now; while it is not 0
     /// the data path probes for missing pages.
     registered_bytes: AtomicU64,
+    /// The registration's frontend disconnected: no missing page will arrive.
+    orphaned: AtomicBool,
     fault_latency: LatencyHistogram,
     first_completion_us: AtomicU64,
     last_completion_us: AtomicU64,
 }
 
-const STATES: [MigrationState; 6] = [
+const STATES: [MigrationState; 7] = [
     MigrationState::None,
     MigrationState::DirtyLogging,
     MigrationState::PostcopyAdvised,
     MigrationState::PostcopyListening,
     MigrationState::PostcopyRunning,
     MigrationState::PostcopyEnded,
+    MigrationState::PostcopyAborted,
 ];
 
 impl MigrationStats {
@@ -57,7 +60,10 @@ impl MigrationStats {
     /// The device wrote `bytes` into guest RAM.
     pub fn device_wrote(&self, bytes: u64) {
         // Bytes count as written "during the migration" from its start to its end.
-        if !matches!(self.state(), MigrationState::None | MigrationState::PostcopyEnded) {
+        if !matches!(
+            self.state(),
+            MigrationState::None | MigrationState::PostcopyEnded | MigrationState::PostcopyAborted
+        ) {
             self.device_bytes_written.fetch_add(bytes, Ordering::Relaxed);
         }
     }
@@ -81,6 +87,17 @@ impl MigrationStats {
     /// Whether the device may meet missing pages now.
     pub fn faults_possible(&self) -> bool {
         self.registered_bytes.load(Ordering::Acquire) > 0
+    }
+
+    /// The registration's frontend is gone (true) or the registration was
+    /// dropped (false).
+    pub fn set_orphaned(&self, orphaned: bool) {
+        self.orphaned.store(orphaned, Ordering::Release);
+    }
+
+    /// Whether missing pages can no longer arrive.
+    pub fn orphaned(&self) -> bool {
+        self.orphaned.load(Ordering::Acquire)
     }
 
     /// The device waited `ns` for a missing page.

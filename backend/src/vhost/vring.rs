@@ -1,60 +1,49 @@
-//! One virtqueue as a connection configures it, and the worker thread that
-//! runs it.
+//! One virtqueue as a connection configures it, and the lifecycle of the
+//! worker that runs it (`worker.rs`).
 //!
 //! The worker owns its `Queue` outright: no lock is held while it touches
 //! guest RAM, so a worker blocked on a page (a postcopy fault, a slow disk)
 //! never stalls the vhost-user message loop, the control socket or another
-//! queue. The connection gets the queue back, with its position, when it
-//! stops the worker (GET_VRING_BASE, a new kick fd, disconnect).
+//! queue. The connection gets the ring's position back when it stops the
+//! worker (GET_VRING_BASE, a new kick fd, a pause, disconnect).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::inflight::{InflightError, InflightRegion};
+use super::worker::{QueueEnd, QueueRun};
 use crate::blk::BlkDevice;
-use crate::memory::{GuestRam, RamAccess};
+use crate::memory::GuestRam;
 use crate::migration::Tracking;
+use crate::record::{RingAddrs, VringRecord};
 
 /// Largest queue a frontend may configure.
 pub const MAX_QUEUE_SIZE: u16 = 1024;
-
-/// How long a start waits for the queue's previous connection to stop it.
-/// A departing connection stops between requests, so this only runs out
-/// when two live frontends drive the same queue, or when a worker was left
-/// behind on a postcopy page that will never arrive.
-const CLAIM_PATIENCE: Duration = Duration::from_secs(5);
 
 /// Why a vring could not be started.
 #[derive(Debug, thiserror::Error)]
 pub enum VringError {
     /// Size, addresses or memory table missing.
-    #[error("vring {0} is not fully configured (size, addresses and a memory table are needed)")]
+    #[error("vring {0} is not fully configured (size, addresses, a kick fd and a memory table are needed)")]
     Unconfigured(u16),
     /// The rings do not lie in guest RAM or are misaligned.
     #[error("vring {0}: ring addresses are misaligned or outside guest RAM")]
     Invalid(u16),
-    /// Another connection kept running this queue for all of `CLAIM_PATIENCE`.
-    #[error("vring {index} is still run by frontend {owner} after {}s; it must stop the ring (GET_VRING_BASE) or disconnect first", CLAIM_PATIENCE.as_secs())]
-    Busy { index: u16, owner: u64 },
+    /// Another connection kept running this queue for all of the patience.
+    #[error("vring {index} is still run by frontend {owner} after {}s; it must stop the ring (GET_VRING_BASE) or disconnect first", patience.as_secs())]
+    Busy { index: u16, owner: u64, patience: Duration },
+    /// The inflight region does not fit the ring.
+    #[error("vring {index}: {source}")]
+    Inflight { index: u16, source: InflightError },
     /// Creating an eventfd or the thread failed.
     #[error("vring {index}: {source}")]
     Os { index: u16, source: std::io::Error },
-}
-
-/// Guest-physical addresses of a split ring's three parts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RingAddrs {
-    /// Descriptor table.
-    pub desc: u64,
-    /// Available ring.
-    pub avail: u64,
-    /// Used ring.
-    pub used: u64,
 }
 
 /// What a worker needs from its surroundings.
@@ -68,6 +57,10 @@ pub struct WorkerContext {
     pub owner: u64,
     /// The connection's dirty log and the daemon's migration figures.
     pub tracking: Tracking,
+    /// The connection's inflight region, if the frontend set one.
+    pub inflight: Option<Arc<InflightRegion>>,
+    /// How long a start waits for another connection to let go of the queue.
+    pub claim_patience: Duration,
 }
 
 /// One vring's configuration and, when started, its worker.
@@ -76,9 +69,12 @@ pub struct Vring {
     index: u16,
     size: u16,
     addrs: Option<RingAddrs>,
-    base: u16,
+    /// Where the next start resumes, when no inflight region says better.
+    next_avail: u16,
+    next_used: u16,
     kick: Option<EventFd>,
     call: Arc<Mutex<Option<EventFd>>>,
+    err: Arc<Mutex<Option<EventFd>>>,
     enabled: Arc<AtomicBool>,
     event_idx: bool,
     worker: Option<Worker>,
@@ -86,7 +82,7 @@ pub struct Vring {
 
 #[derive(Debug)]
 struct Worker {
-    thread: JoinHandle<Queue>,
+    thread: JoinHandle<QueueEnd>,
     wake: EventFd,
     stop: Arc<AtomicBool>,
 }
@@ -98,9 +94,11 @@ impl Vring {
             index,
             size: 0,
             addrs: None,
-            base: 0,
+            next_avail: 0,
+            next_used: 0,
             kick: None,
             call: Arc::default(),
+            err: Arc::default(),
             enabled: Arc::default(),
             event_idx: false,
             worker: None,
@@ -117,14 +115,21 @@ impl Vring {
         self.addrs = Some(addrs);
     }
 
-    /// SET_VRING_BASE: where the next run starts in the available ring.
+    /// SET_VRING_BASE: where the next run starts in the available ring
+    /// (and, every request before it being done, in the used ring).
     pub fn set_base(&mut self, base: u16) {
-        self.base = base;
+        self.next_avail = base;
+        self.next_used = base;
     }
 
     /// SET_VRING_CALL: takes effect at once, also for a running worker.
     pub fn set_call(&mut self, call: Option<EventFd>) {
         *self.call.lock().unwrap_or_else(|p| p.into_inner()) = call;
+    }
+
+    /// SET_VRING_ERR: takes effect at once, also for a running worker.
+    pub fn set_err(&mut self, err: Option<EventFd>) {
+        *self.err.lock().unwrap_or_else(|p| p.into_inner()) = err;
     }
 
     /// SET_VRING_KICK: replaces the kick fd; the caller restarts the ring.
@@ -151,9 +156,13 @@ impl Vring {
     }
 
     /// Starts a worker if the ring is fully configured and has a kick fd.
+    ///
+    /// With an inflight region the position comes from guest RAM and the
+    /// region (a restarted gmemd does not know it otherwise): the used
+    /// ring's idx, plus the requests still in flight, which run first.
     pub fn start(&mut self, ctx: WorkerContext) -> Result<(), VringError> {
         let index = self.index;
-        let os = |source| VringError::Os { index, source };
+        let invalid = |_| VringError::Invalid(index);
         let (Some(addrs), Some(kick)) = (self.addrs, self.kick.as_ref()) else {
             return Err(VringError::Unconfigured(index));
         };
@@ -161,54 +170,75 @@ impl Vring {
         if self.size == 0 || vm_memory::GuestMemoryBackend::num_regions(&*ram) == 0 {
             return Err(VringError::Unconfigured(index));
         }
-        let mut queue = Queue::new(MAX_QUEUE_SIZE).map_err(|_| VringError::Invalid(index))?;
-        queue.try_set_size(self.size).map_err(|_| VringError::Invalid(index))?;
-        queue.try_set_desc_table_address(GuestAddress(addrs.desc)).map_err(|_| VringError::Invalid(index))?;
-        queue.try_set_avail_ring_address(GuestAddress(addrs.avail)).map_err(|_| VringError::Invalid(index))?;
-        queue.try_set_used_ring_address(GuestAddress(addrs.used)).map_err(|_| VringError::Invalid(index))?;
-        queue.set_next_avail(self.base);
-        queue.set_next_used(self.base);
+        let mut queue = Queue::new(MAX_QUEUE_SIZE).map_err(invalid)?;
+        queue.try_set_size(self.size).map_err(invalid)?;
+        queue.try_set_desc_table_address(GuestAddress(addrs.desc)).map_err(invalid)?;
+        queue.try_set_avail_ring_address(GuestAddress(addrs.avail)).map_err(invalid)?;
+        queue.try_set_used_ring_address(GuestAddress(addrs.used)).map_err(invalid)?;
         queue.set_event_idx(self.event_idx);
         queue.set_ready(true);
         if !queue.is_valid(&*ram) {
             return Err(VringError::Invalid(index));
         }
-        let stats = ctx.device.queues().get(usize::from(index)).ok_or(VringError::Invalid(index))?;
-        stats.claim(ctx.owner, CLAIM_PATIENCE).map_err(|owner| VringError::Busy { index, owner })?;
-        let started = (|| {
-            let kick = kick.try_clone()?;
-            let wake = EventFd::new(EFD_NONBLOCK)?;
+        let device_queue = ctx.device.queues().get(usize::from(index)).ok_or(VringError::Invalid(index))?;
+        let patience = ctx.claim_patience;
+        device_queue.claim(ctx.owner, patience).map_err(|owner| VringError::Busy { index, owner, patience })?;
+        // Claimed: nobody else moves the ring now, so its state can be read.
+        let positioned = (|| {
+            let Some(region) = &ctx.inflight else {
+                return Ok((self.next_avail, self.next_used, Vec::new(), None));
+            };
+            let mut inflight =
+                region.queue(index, self.size).map_err(|source| VringError::Inflight { index, source })?;
+            let used = queue.used_idx(&*ram, std::sync::atomic::Ordering::Acquire).map_err(invalid)?.0;
+            let resubmit = inflight.recover(used);
+            let avail = used.wrapping_add(u16::try_from(resubmit.len()).unwrap_or(u16::MAX));
+            Ok((avail, used, resubmit, Some(inflight)))
+        })();
+        let started = positioned.and_then(|(avail, used, resubmit, inflight)| {
+            queue.set_next_avail(avail);
+            queue.set_next_used(used);
+            if !resubmit.is_empty() {
+                log::info!("vring {index}: {} requests were in flight; running them again", resubmit.len());
+            }
+            let os = |source| VringError::Os { index, source };
+            let wake = EventFd::new(EFD_NONBLOCK).map_err(os)?;
             let stop = Arc::new(AtomicBool::new(false));
             let run = QueueRun {
                 queue,
-                kick,
-                wake: wake.try_clone()?,
+                resubmit,
+                inflight,
+                kick: kick.try_clone().map_err(os)?,
+                wake: wake.try_clone().map_err(os)?,
                 stop: Arc::clone(&stop),
                 enabled: Arc::clone(&self.enabled),
                 call: Arc::clone(&self.call),
+                err: Arc::clone(&self.err),
                 ctx: ctx.clone(),
                 index,
                 used_ring: (GuestAddress(addrs.used), used_ring_len(self.size)),
                 broken: false,
             };
-            let thread = std::thread::Builder::new().name(format!("vring-{index}")).spawn(move || run.run())?;
+            let thread =
+                std::thread::Builder::new().name(format!("vring-{index}")).spawn(move || run.run()).map_err(os)?;
             Ok(Worker { thread, wake, stop })
-        })();
+        });
         match started {
             Ok(worker) => {
                 self.worker = Some(worker);
                 Ok(())
             }
-            Err(source) => {
-                ctx.device.queues()[usize::from(index)].release(ctx.owner);
-                Err(os(source))
+            Err(error) => {
+                device_queue.release(ctx.owner);
+                Err(error)
             }
         }
     }
 
     /// Asks the worker to stop without waiting for it: for a worker that may
-    /// wait forever on a postcopy page whose frontend went away. The queue
-    /// stays claimed, so no other connection runs it beside that worker.
+    /// wait on a postcopy page whose frontend went away. The worker keeps
+    /// the queue claimed until it ends, so no other connection runs it
+    /// beside that worker.
     pub fn abandon(&mut self) {
         if let Some(worker) = self.worker.take() {
             worker.stop.store(true, Ordering::Release);
@@ -219,19 +249,61 @@ impl Vring {
 
     /// Stops the worker, if any, and returns the ring's position: the next
     /// available index, which is also the base a later start resumes from.
-    pub fn stop(&mut self, device: &BlkDevice, owner: u64) -> u16 {
+    /// Requests run to completion first, so no request is half done.
+    pub fn stop(&mut self) -> u16 {
         if let Some(worker) = self.worker.take() {
             worker.stop.store(true, Ordering::Release);
             let _ = worker.wake.write(1);
             match worker.thread.join() {
-                Ok(queue) => self.base = queue.next_avail(),
-                Err(_) => log::error!("vring {}: worker thread panicked; keeping base {}", self.index, self.base),
-            }
-            if let Some(stats) = device.queues().get(usize::from(self.index)) {
-                stats.release(owner);
+                Ok(end) => (self.next_avail, self.next_used) = (end.next_avail, end.next_used),
+                Err(_) => log::error!("vring {}: worker thread panicked; keeping base {}", self.index, self.next_avail),
             }
         }
-        self.base
+        self.next_avail
+    }
+
+    /// The ring's configuration and position; stop it first.
+    pub fn record(&self, started: bool) -> VringRecord {
+        use std::os::fd::AsRawFd;
+        let fd_of =
+            |fd: &Mutex<Option<EventFd>>| fd.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|e| e.as_raw_fd());
+        VringRecord {
+            index: self.index,
+            size: self.size,
+            addrs: self.addrs,
+            next_avail: self.next_avail,
+            next_used: self.next_used,
+            enabled: self.enabled.load(Ordering::Acquire),
+            started,
+            kick: self.kick.as_ref().map(AsRawFd::as_raw_fd),
+            call: fd_of(&self.call),
+            err: fd_of(&self.err),
+        }
+    }
+
+    /// A stopped vring as `record` describes it; its fds become the vring's.
+    ///
+    /// # Safety
+    ///
+    /// The fds the record names must be open eventfds that nothing else
+    /// owns, each named once.
+    pub unsafe fn from_record(record: &VringRecord, event_idx: bool) -> Self {
+        use std::os::fd::FromRawFd;
+        // SAFETY: the caller hands over sole ownership of each fd.
+        let take = |fd: Option<i32>| fd.map(|fd| unsafe { EventFd::from_raw_fd(fd) });
+        Vring {
+            index: record.index,
+            size: record.size,
+            addrs: record.addrs,
+            next_avail: record.next_avail,
+            next_used: record.next_used,
+            kick: take(record.kick),
+            call: Arc::new(Mutex::new(take(record.call))),
+            err: Arc::new(Mutex::new(take(record.err))),
+            enabled: Arc::new(AtomicBool::new(record.enabled)),
+            event_idx,
+            worker: None,
+        }
     }
 }
 
@@ -239,114 +311,4 @@ impl Vring {
 /// and avail_event.
 fn used_ring_len(size: u16) -> u64 {
     4 + 8 * u64::from(size) + 2
-}
-
-/// A running queue, owned by its worker thread.
-struct QueueRun {
-    queue: Queue,
-    kick: EventFd,
-    wake: EventFd,
-    stop: Arc<AtomicBool>,
-    enabled: Arc<AtomicBool>,
-    call: Arc<Mutex<Option<EventFd>>>,
-    ctx: WorkerContext,
-    index: u16,
-    /// Where the used ring lies and its length, for the dirty log.
-    used_ring: (GuestAddress, u64),
-    /// Set when the driver corrupted the ring; nothing more is processed
-    /// until the frontend restarts the ring.
-    broken: bool,
-}
-
-impl QueueRun {
-    fn run(mut self) -> Queue {
-        loop {
-            if self.stop.load(Ordering::Acquire) {
-                break;
-            }
-            if self.enabled.load(Ordering::Acquire) && !self.broken {
-                self.process();
-            }
-            if !self.wait() {
-                break;
-            }
-        }
-        self.queue
-    }
-
-    /// Waits for a kick or a wake-up; false when polling itself failed.
-    fn wait(&self) -> bool {
-        match crate::sys::poll_readable([&self.kick, &self.wake]) {
-            Ok([kicked, woken]) => {
-                if kicked {
-                    let _ = self.kick.read();
-                }
-                if woken {
-                    let _ = self.wake.read();
-                }
-                true
-            }
-            Err(error) => {
-                log::error!("vring {}: poll failed: {error}", self.index);
-                false
-            }
-        }
-    }
-
-    /// Runs every available request, then signals the driver if it asked.
-    fn process(&mut self) {
-        let ram = self.ctx.ram.memory();
-        let stats = &self.ctx.device.queues()[usize::from(self.index)];
-        let access = RamAccess::new(&ram, &stats.access, &self.ctx.tracking);
-        let mut used_any = false;
-        loop {
-            if self.queue.event_idx_enabled() {
-                let _ = self.queue.disable_notification(&*ram);
-            }
-            loop {
-                // Stop between requests, not after draining the ring: a busy
-                // guest must not hold up GET_VRING_BASE or a disable.
-                if self.stop.load(Ordering::Acquire) || !self.enabled.load(Ordering::Acquire) {
-                    break;
-                }
-                let chain = match self.queue.iter(&*ram) {
-                    Ok(mut available) => available.next(),
-                    Err(error) => {
-                        log::error!(
-                            "vring {}: the driver corrupted the ring ({error}); stopping the queue until it is reset",
-                            self.index
-                        );
-                        self.broken = true;
-                        None
-                    }
-                };
-                let Some(chain) = chain else { break };
-                let head = chain.head_index();
-                let len = self.ctx.device.handle(chain, &access, stats);
-                if let Err(error) = self.queue.add_used(&*ram, head, len) {
-                    log::warn!("vring {}: cannot return descriptor {head}: {error}", self.index);
-                }
-                self.ctx.tracking.stats.request_completed();
-                used_any = true;
-            }
-            if self.broken || self.stop.load(Ordering::Acquire) || !self.queue.event_idx_enabled() {
-                break;
-            }
-            // Re-enabling notifications races with the driver adding more
-            // requests; loop while it did.
-            match self.queue.enable_notification(&*ram) {
-                Ok(true) => continue,
-                _ => break,
-            }
-        }
-        // Used elements, the used index and (EVENT_IDX) avail_event were
-        // written above; the ring is a few pages at most, so log all of it.
-        let (used_addr, used_len) = self.used_ring;
-        access.ring_written(used_addr, used_len);
-        if used_any && self.queue.needs_notification(&*ram).unwrap_or(true) {
-            if let Some(call) = self.call.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-                let _ = call.write(1);
-            }
-        }
-    }
 }

@@ -19,7 +19,8 @@ use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures, 
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-pub use ring::{Desc, GuestMem, Ring};
+#[allow(unused_imports)]
+pub use ring::{sealed_memfd, Desc, GuestMem, Ring};
 
 pub const MIB: u64 = 1 << 20;
 /// The disk every test daemon serves: 4 MiB of zeroes.

@@ -11,6 +11,21 @@ use vhost::{VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+/// A memfd of `size` bytes sealed against resizing, as QEMU makes its
+/// memory-backend-memfd RAM and its dirty log.
+pub fn sealed_memfd(name: &std::ffi::CStr, size: u64) -> File {
+    // SAFETY: a valid NUL-terminated name; the fd returned is new and ours.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: fd is a fresh memfd that nothing else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size).expect("size the memfd");
+    let seals = libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
+    // SAFETY: F_ADD_SEALS on our own fd with an integer argument.
+    assert_eq!(unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, seals) }, 0, "seal the memfd");
+    file
+}
+
 /// A file of guest RAM mapped shared at guest-physical address 0, as QEMU
 /// would map it.
 pub struct GuestMem {
@@ -37,13 +52,7 @@ impl GuestMem {
 
     /// A memfd the test creates itself: memory gmemd does not own.
     pub fn foreign(size: u64) -> Self {
-        // SAFETY: a valid NUL-terminated name; the fd returned is new and ours.
-        let fd = unsafe { libc::memfd_create(c"gmemd-test-foreign".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-        // SAFETY: fd is a fresh memfd that nothing else owns.
-        let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(size).expect("size the memfd");
-        Self::map(file)
+        Self::map(sealed_memfd(c"gmemd-test-foreign", size))
     }
 
     /// Size in bytes.

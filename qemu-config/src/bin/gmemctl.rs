@@ -89,6 +89,11 @@ enum GmemdCmd {
     Regions(Format),
     /// Show the virtio-blk device gmemd serves, with per-queue figures.
     Device(Format),
+    /// Drop a postcopy registration whose destination QEMU disconnected
+    /// before the migration ended. gmemd keeps one for
+    /// --postcopy-orphan-timeout; meanwhile requests that need a page which
+    /// never arrived fail.
+    PostcopyAbort,
     /// Print the QEMU arguments (without the binary) that attach a VM to gmemd.
     QemuArgs {
         #[command(flatten)]
@@ -246,6 +251,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
         GmemdCmd::Device(format) => {
             let device = client.query_device().context("query-device")?;
             tables::print(format.json, &device, tables::device)?;
+        }
+        GmemdCmd::PostcopyAbort => {
+            let reply: serde_json::Value =
+                client.execute(&gmem_protocol::Command::PostcopyAbort).context("postcopy-abort")?;
+            let dropped = reply.get("dropped").and_then(serde_json::Value::as_bool).unwrap_or(false);
+            println!("{}", if dropped { "postcopy registration dropped" } else { "no orphaned postcopy registration" });
         }
         GmemdCmd::QemuArgs { vm, json } => {
             let args = vm.build(&mut client)?.to_args();

@@ -5,12 +5,9 @@ use std::fs::File;
 use std::sync::Arc;
 
 use gmem_protocol::MigrationState;
-use vhost::vhost_user::message::VhostUserLog;
-use vhost::vhost_user::{Error as VhostError, Result as VhostResult};
-use vhost::VhostUserMemoryRegionBase;
 
-use super::{nack, FrontendConnection};
-use crate::migration::{PostcopyPhase, PostcopySession};
+use super::{nack, FrontendConnection, Refusal};
+use crate::migration::{HostRange, PostcopyPhase, PostcopySession};
 use crate::vhost::vring::Vring;
 
 impl FrontendConnection {
@@ -24,7 +21,7 @@ impl FrontendConnection {
         self.tracking.log.set_enabled(logging);
         let migration = &self.daemon.migration;
         match (logging, migration.state()) {
-            (true, MigrationState::None | MigrationState::PostcopyEnded) => {
+            (true, MigrationState::None | MigrationState::PostcopyEnded | MigrationState::PostcopyAborted) => {
                 migration.set_state(MigrationState::DirtyLogging)
             }
             (false, MigrationState::DirtyLogging) => migration.set_state(MigrationState::None),
@@ -35,27 +32,24 @@ impl FrontendConnection {
 
     /// SET_LOG_BASE. QEMU waits for the reply, which only success sends: a
     /// failure ends the connection, so QEMU's migration fails instead of hanging.
-    pub(super) fn map_dirty_log(&mut self, log: &VhostUserLog, file: File) -> VhostResult<()> {
-        self.tracking.log.set_base(file, log.mmap_size, log.mmap_offset).map_err(|e| {
-            log::error!("frontend {}: {e}; closing the connection", self.id());
-            VhostError::InvalidParam
-        })
+    pub fn set_log_base(&mut self, size: u64, offset: u64, file: File) -> Result<(), Refusal> {
+        self.tracking.log.set_base(file, size, offset).map_err(|e| Refusal::Close(e.to_string()))
     }
 
     /// Whether memory-table messages are in postcopy mode.
-    pub(super) fn postcopy_listening(&self) -> bool {
+    pub fn postcopy_listening(&self) -> bool {
         self.postcopy.as_ref().is_some_and(PostcopySession::listening)
     }
 
     /// gmemd's own address of the view at `gpa`, which QEMU needs in
     /// postcopy to translate our faults (the table was just updated).
-    pub(super) fn backend_base(&self, gpa: u64) -> VhostResult<VhostUserMemoryRegionBase> {
+    pub(super) fn backend_base(&self, gpa: u64) -> Result<u64, Refusal> {
         let view = self.table.views().iter().find(|v| v.desc().gpa == gpa);
-        view.map(|v| v.host_addr()).ok_or(VhostError::BackendInternalError)
+        view.map(|v| v.host_addr()).ok_or_else(|| Refusal::Close(format!("no range at GPA {gpa:#x} after adding it")))
     }
 
     /// Refuses to start vring `index` while guest RAM may not be touched.
-    pub(super) fn device_may_start(&mut self, index: u8) -> VhostResult<()> {
+    pub(super) fn device_may_start(&mut self, index: u8) -> Result<(), Refusal> {
         if self.postcopy.as_ref().is_some_and(|s| s.phase() == PostcopyPhase::Advised) {
             // The guest runs, but QEMU never sent LISTEN: the migration
             // completed in precopy (QEMU sends no POSTCOPY_END then), so all
@@ -79,22 +73,25 @@ impl FrontendConnection {
         }
     }
 
-    /// POSTCOPY_ADVISE. The vhost crate answers a failure with a reply that
-    /// carries no fd, which fails QEMU's incoming migration. (A gmemd that
-    /// cannot create a userfaultfd does not offer PAGEFAULT, so QEMU refuses
+    /// POSTCOPY_ADVISE. A refusal is answered with a reply that carries no
+    /// fd, which fails QEMU's incoming migration. (A gmemd that cannot
+    /// create a userfaultfd does not offer PAGEFAULT, so QEMU refuses
     /// postcopy before it gets this far.)
-    pub(super) fn advise_postcopy(&mut self) -> VhostResult<File> {
+    pub fn advise_postcopy(&mut self) -> Result<File, Refusal> {
         let refuse = |message: String| {
             log::error!("frontend {}: POSTCOPY_ADVISE refused: {message}", self.id());
             Err(nack(message))
         };
+        if self.postcopy.is_some() {
+            return Err(Refusal::Close("POSTCOPY_ADVISE repeated".into()));
+        }
         if self.vrings.iter().any(Vring::started) {
             return refuse(
                 "vrings are running; postcopy needs the device stopped until guest RAM is registered".into(),
             );
         }
-        if let Err(owner) = self.daemon.claim_postcopy(self.id()) {
-            return refuse(format!("frontend {owner} is in postcopy on the same guest RAM"));
+        if let Err(why) = self.daemon.claim_postcopy(self.id()) {
+            return refuse(why);
         }
         match PostcopySession::advise(Arc::clone(&self.daemon.migration), self.daemon.regions.hugetlb()) {
             Ok((session, for_qemu)) => {
@@ -110,55 +107,55 @@ impl FrontendConnection {
     }
 
     /// POSTCOPY_LISTEN.
-    pub(super) fn listen_postcopy(&mut self) -> VhostResult<()> {
-        let session = self.postcopy.as_mut().ok_or_else(|| nack("POSTCOPY_LISTEN before POSTCOPY_ADVISE"))?;
-        session.listen().map_err(nack)
+    pub fn listen_postcopy(&mut self) -> Result<(), Refusal> {
+        let session =
+            self.postcopy.as_mut().ok_or_else(|| Refusal::Close("POSTCOPY_LISTEN before POSTCOPY_ADVISE".into()))?;
+        session.listen().map_err(|e| Refusal::Close(e.to_string()))
     }
 
     /// QEMU's ack of the memory table in postcopy mode. QEMU expects no
     /// reply: a failure is logged, and the vrings then refuse to start (the
     /// device must not run unregistered).
-    pub(super) fn register_postcopy_table(&mut self) -> VhostResult<()> {
+    pub fn register_postcopy_table(&mut self) -> Result<(), Refusal> {
         let id = self.id();
+        let ranges: Vec<HostRange> = self
+            .table
+            .views()
+            .iter()
+            .map(|v| HostRange { addr: v.host_addr(), len: v.desc().size, hugepage: v.hugepage_advised() })
+            .collect();
         let session = self.postcopy.as_mut().ok_or_else(|| nack("memory-table ack without postcopy"))?;
-        session.register(self.table.views()).map_err(|e| {
+        session.register(&ranges).map_err(|e| {
             log::error!("frontend {id}: postcopy registration failed: {e}");
             nack(e)
         })
     }
 
     /// POSTCOPY_END.
-    pub(super) fn end_postcopy(&mut self) -> VhostResult<()> {
-        let session = self.postcopy.as_mut().ok_or_else(|| nack("POSTCOPY_END without postcopy"))?;
+    pub fn end_postcopy(&mut self) -> Result<(), Refusal> {
+        let mut session = self.postcopy.take().ok_or_else(|| Refusal::Close("POSTCOPY_END without postcopy".into()))?;
         let ended = session.end();
-        self.postcopy = None;
         self.daemon.release_postcopy(self.id());
         log::info!("frontend {}: postcopy ended; guest RAM unregistered", self.id());
         ended.map_err(|e| {
             log::error!("frontend {}: {e}", self.id());
-            nack(e)
+            Refusal::Close(e.to_string())
         })
     }
 
-    /// The frontend is gone: logging stops; a postcopy still registered
-    /// stays so (see below), any other is dropped.
+    /// The frontend is gone: logging stops; a postcopy still registered is
+    /// handed to the daemon, which keeps it for a while (see
+    /// `Daemon::orphan_postcopy`), any other is dropped.
     pub(super) fn end_migration_on_disconnect(&mut self) {
         self.set_logging(false);
         match self.postcopy.take() {
             Some(session) if session.registered() => {
-                // QEMU went away with pages still missing: nobody will ever
-                // place them. Unregistering would let workers read zeros and
-                // write them to the disk, so the registration stays and any
-                // worker waiting on a page is left waiting.
-                log::error!(
-                    "frontend {} disconnected during postcopy: guest RAM is incomplete and stays registered; \
-                     restart gmemd before reusing it",
-                    self.id()
-                );
-                std::mem::forget(session);
+                // Workers waiting on a missing page are left to the orphan:
+                // dropping it wakes them, and they see they were stopped.
                 for vring in &mut self.vrings {
                     vring.abandon();
                 }
+                self.daemon.orphan_postcopy(self.id(), session);
             }
             Some(_) => self.daemon.release_postcopy(self.id()),
             None => {}
