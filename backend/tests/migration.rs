@@ -328,10 +328,7 @@ fn out_of_order_and_repeated_postcopy_messages_are_refused() {
 #[test]
 fn unprivileged_gmemd_does_not_offer_postcopy_and_says_why() {
     // SAFETY: getuid has no preconditions.
-    if unsafe { libc::getuid() } != 0 {
-        eprintln!("skipped: needs root to start gmemd as another user");
-        return;
-    }
+    assert_eq!(unsafe { libc::getuid() }, 0, "this test starts gmemd as another user, which needs root");
     let mut daemon = Gmemd::start_as(Some(65534), &[]);
     let why = "postcopy needs gmemd to run as root, with CAP_SYS_PTRACE";
     let log = daemon.log();

@@ -454,3 +454,31 @@ fn a_control_client_that_does_not_read_delays_no_frontend() {
     eprintln!("slowest connect + GET_FEATURES: {slowest:?}");
     assert!(slowest < std::time::Duration::from_secs(2), "a frontend waited {slowest:?} for a control client");
 }
+
+/// A driver that keeps adding requests while the device drains the ring:
+/// gmemd read the available index twice, and when an entry was added in
+/// between it took the ring for corrupt and stopped the queue (found by
+/// the protocol fuzzer; it hung a guest's disk under load).
+#[test]
+fn a_ring_filled_while_it_drains_keeps_running() {
+    let daemon = Gmemd::start(&[]);
+    let (fe, mem, mut ring) = ready_frontend(&daemon);
+    let (mut completed, mut pushed) = (0u16, 0u32);
+    // Up to 64 requests in flight, kicked one by one, for 50000 requests.
+    while pushed < 50_000 || completed != ring.avail_idx() {
+        while ring.avail_idx().wrapping_sub(completed) < 64 && pushed < 50_000 {
+            ring.push(&mem, &[header(&mem, T_FLUSH, 0), status()]);
+            fe.kick.write(1).expect("kick");
+            pushed += 1;
+        }
+        assert!(
+            common::ring::wait_readable(&fe.call, TIMEOUT),
+            "no completion after {completed}: {:?}",
+            daemon.device().queues[0]
+        );
+        let _ = fe.call.read();
+        completed = ring.used_idx_in_ram(&mem);
+    }
+    assert_eq!(daemon.device().requests, 50_000);
+    assert!(!daemon.device().queues[0].broken);
+}

@@ -33,8 +33,14 @@ pub enum Command {
 
 impl Command {
     /// Every command, for help texts and for tests that want to cover them all.
-    pub const ALL: [Command; 5] =
-        [Command::QueryStatus, Command::QueryRegions, Command::QueryDevice, Command::QueryMigration, Command::Quit];
+    pub const ALL: [Command; 6] = [
+        Command::QueryStatus,
+        Command::QueryRegions,
+        Command::QueryDevice,
+        Command::QueryMigration,
+        Command::PostcopyAbort,
+        Command::Quit,
+    ];
 
     /// The wire name (`"execute"` value).
     pub fn name(&self) -> &'static str {

@@ -180,6 +180,10 @@ pub struct QueueInfo {
     pub index: u16,
     /// Whether a worker is running the queue now.
     pub started: bool,
+    /// Whether the queue stopped because its ring could not be processed
+    /// (corrupt, or no longer in guest RAM) until the frontend restarts it.
+    #[serde(default)]
+    pub broken: bool,
     /// Requests completed on this queue.
     pub requests: u64,
     /// Requests that failed on this queue.

@@ -117,3 +117,26 @@ fn frontend_connections_are_announced_as_events() -> Result<()> {
     ensure!(client.query_status()?.frontends.is_empty());
     Ok(())
 }
+
+/// A member given twice was read with the last one winning, so this quit
+/// gmemd; integer ids came back as floats.
+#[test]
+fn a_member_given_twice_is_refused_and_ids_come_back_as_sent() -> Result<()> {
+    let mut gmemd = Gmemd::start(&small())?;
+    let stream = UnixStream::connect(&gmemd.control)?;
+    let mut lines = BufReader::new(stream.try_clone()?);
+    let mut ask = |request: &str| -> Result<String> {
+        (&stream).write_all(format!("{request}\n").as_bytes())?;
+        let mut line = String::new();
+        lines.read_line(&mut line)?;
+        Ok(line)
+    };
+    let reply = ask(r#"{"execute":"query-status","execute":"quit","id":1}"#)?;
+    ensure!(reply.contains("\"error\"") && reply.contains("'execute' is given twice"), "{reply}");
+    ensure!(gmemd.alive(), "a request naming quit twice over query-status quit gmemd");
+    for id in ["18446744073709551616", "12345678901234567890123", "-0", "7", r#""s""#] {
+        let reply = ask(&format!(r#"{{"execute":"query-device","id":{id}}}"#))?;
+        ensure!(reply.trim_end().ends_with(&format!(r#""id":{id}}}"#)), "id {id} came back as: {reply}");
+    }
+    Ok(())
+}

@@ -59,6 +59,7 @@ fn device(daemon: &Daemon) -> DeviceInfo {
         .map(|(index, q)| QueueInfo {
             index: u16::try_from(index).unwrap_or(u16::MAX),
             started: q.started(),
+            broken: q.broken(),
             requests: q.requests.load(std::sync::atomic::Ordering::Relaxed),
             errors: q.errors.load(std::sync::atomic::Ordering::Relaxed),
             bytes_from_guest: q.access.bytes_from_guest(),

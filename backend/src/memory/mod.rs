@@ -4,6 +4,7 @@
 mod access;
 mod region;
 mod table;
+pub mod truncation;
 
 use std::sync::Arc;
 

@@ -105,6 +105,9 @@ pub struct GuestRegion {
     mapping: Arc<MmapRegion>,
     /// Whether gmemd asked for transparent huge pages on the mapping.
     hugepage_advised: bool,
+    /// A `path=` file can be truncated by whoever may write it; its mapping
+    /// is then kept usable (see `truncation`).
+    _truncation: Option<super::truncation::TruncationGuard>,
 }
 
 const PAGE_SIZE: u64 = 4096;
@@ -150,7 +153,18 @@ impl GuestRegion {
             source,
         })?;
         let hugepage_advised = !matches!(spec.backing, Backing::MemfdHugetlb) && advise_hugepages(&mapping);
-        Ok(GuestRegion { spec, identity, fd, mapping: Arc::new(mapping), hugepage_advised })
+        let truncation = match &spec.backing {
+            Backing::File(_) => {
+                let page = mapping.file_offset().map_or(PAGE_SIZE, |f| file_page_size(f.file())) as usize;
+                let guard = super::truncation::protect(mapping.as_ptr() as usize, mapping.size(), page);
+                if guard.is_none() {
+                    log::warn!("region {}: too many path= regions to guard against truncation", spec.id);
+                }
+                guard
+            }
+            Backing::Memfd | Backing::MemfdHugetlb => None,
+        };
+        Ok(GuestRegion { spec, identity, fd, mapping: Arc::new(mapping), hugepage_advised, _truncation: truncation })
     }
 
     /// The region's id.
@@ -194,6 +208,24 @@ impl GuestRegion {
         use std::os::unix::fs::MetadataExt;
         let file = self.mapping.file_offset().map(FileOffset::file);
         file.and_then(|f| f.metadata().ok()).map_or(0, |m| m.blocks() * 512)
+    }
+}
+
+/// The page size of the file system `file` lives on: the huge page size on
+/// hugetlbfs, 4 KiB elsewhere.
+fn file_page_size(file: &File) -> u64 {
+    const HUGETLBFS_MAGIC: libc::c_long = 0x9584_58f6;
+    let mut stat = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: fstatfs fills the statfs it is given, for a valid fd.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), stat.as_mut_ptr()) } != 0 {
+        return PAGE_SIZE;
+    }
+    // SAFETY: fstatfs succeeded, so the struct is initialised.
+    let stat = unsafe { stat.assume_init() };
+    if stat.f_type == HUGETLBFS_MAGIC {
+        u64::try_from(stat.f_bsize).unwrap_or(PAGE_SIZE)
+    } else {
+        PAGE_SIZE
     }
 }
 

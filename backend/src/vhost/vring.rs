@@ -218,6 +218,7 @@ impl Vring {
                 index,
                 used_ring: (GuestAddress(addrs.used), used_ring_len(self.size)),
                 broken: false,
+                pages_replaced: crate::memory::truncation::pages_replaced(),
             };
             let thread =
                 std::thread::Builder::new().name(format!("vring-{index}")).spawn(move || run.run()).map_err(os)?;

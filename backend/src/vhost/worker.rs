@@ -48,6 +48,8 @@ pub(super) struct QueueRun {
     /// Set when the ring cannot be processed; nothing more is until the
     /// frontend restarts it.
     pub broken: bool,
+    /// Guest-RAM pages lost to truncation that this worker reported.
+    pub pages_replaced: u64,
 }
 
 /// What became of one request.
@@ -177,6 +179,14 @@ impl QueueRun {
                 Err(error) => self.fail(error.into()),
             }
         }
+        let replaced = crate::memory::truncation::pages_replaced();
+        if replaced != self.pages_replaced {
+            self.pages_replaced = replaced;
+            log::error!(
+                "guest RAM was truncated under gmemd: {replaced} pages of a path= region were gone and now read as \
+                 zeros; the guest's data there is lost"
+            );
+        }
         // Used elements, the used index and (EVENT_IDX) avail_event were
         // written above; the ring is a few pages at most, so log all of it.
         let (used_addr, used_len) = self.used_ring;
@@ -193,16 +203,16 @@ impl QueueRun {
     /// The head of the next available chain, `None` when the ring is empty.
     fn next_head(&mut self, ram: &GuestRam) -> Result<Option<u16>, RingFault> {
         let next_avail = self.queue.next_avail();
-        let head = self.queue.iter(ram)?.next().map(|chain| chain.head_index());
-        if head.is_none() {
-            // virtio-queue ends the iteration quietly when it cannot read an
-            // entry; an index that still says more is a ring gone from RAM.
-            let avail = self.queue.avail_idx(ram, Ordering::Acquire)?;
-            if avail.0 != next_avail {
-                return Err(RingFault::AvailUnreadable);
-            }
+        if self.queue.avail_idx(ram, Ordering::Acquire)?.0 == next_avail {
+            return Ok(None);
         }
-        Ok(head)
+        // The index said there is an entry (and the driver only moves it
+        // forward), so an iteration that yields none could not read it:
+        // virtio-queue ends the iteration quietly then.
+        match self.queue.iter(ram)?.next() {
+            Some(chain) => Ok(Some(chain.head_index())),
+            None => Err(RingFault::AvailUnreadable),
+        }
     }
 
     /// Executes the chain headed by `head` and publishes its used entry.

@@ -65,14 +65,32 @@ pub struct Gmemd {
 impl Gmemd {
     /// Starts gmemd with 64 MiB of RAM, one queue and a zeroed disk, plus `extra` arguments.
     pub fn start(extra: &[&str]) -> Self {
-        Self::start_as(None, extra)
+        Self::start_with(&Launch::default(), extra)
     }
 
     /// Like `start`, as user `uid` (no capabilities) when given: the test
     /// must run as root for that.
     pub fn start_as(uid: Option<u32>, extra: &[&str]) -> Self {
+        Self::start_with(&Launch { uid, ..Launch::default() }, extra)
+    }
+
+    /// Like `start`, the way `launch` says.
+    pub fn start_with(launch: &Launch, extra: &[&str]) -> Self {
+        let mut daemon = Self::spawn(launch, extra);
+        // The control socket is bound after the vhost-user one: once it
+        // answers, both are ready.
+        wait_until("gmemd answers on its control socket", || {
+            assert!(daemon.alive(), "gmemd exited during start-up:\n{}", daemon.log());
+            ControlClient::connect(&daemon.control).is_ok()
+        });
+        daemon
+    }
+
+    /// Starts gmemd without waiting for it; the test decides what to wait for.
+    pub fn spawn(launch: &Launch, extra: &[&str]) -> Self {
         use std::os::unix::fs::PermissionsExt;
         use std::os::unix::process::CommandExt;
+        let uid = launch.uid;
         let dir = tempfile::tempdir().expect("tempdir");
         if uid.is_some() {
             std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).expect("chmod the test dir");
@@ -88,6 +106,19 @@ impl Gmemd {
         if let Some(uid) = uid {
             command.uid(uid).gid(uid);
         }
+        if let Some(nofile) = launch.nofile {
+            // SAFETY: setrlimit is async-signal-safe and only changes the
+            // child's own limit, between fork and exec.
+            unsafe {
+                command.pre_exec(move || {
+                    let limit = libc::rlimit { rlim_cur: nofile, rlim_max: nofile };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let child = command
             .arg("--socket")
             .arg(&socket)
@@ -97,20 +128,72 @@ impl Gmemd {
             .arg(&disk)
             .args(["--memory", "64M", "--serial", SERIAL])
             .args(extra)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", launch.log_level)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("spawn gmemd");
-        let mut daemon = Gmemd { child, dir, socket, control, disk };
-        // The control socket is bound after the vhost-user one: once it
-        // answers, both are ready.
-        wait_until("gmemd answers on its control socket", || {
-            assert!(daemon.alive(), "gmemd exited during start-up");
-            ControlClient::connect(&daemon.control).is_ok()
-        });
-        daemon
+        Gmemd { child, dir, socket, control, disk }
+    }
+
+    /// The scratch directory the daemon's files are in.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// CPU time the daemon used so far (user + system).
+    pub fn cpu_time(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).expect("stat");
+        // Fields after the command name, which is in parentheses.
+        let fields: Vec<&str> = stat.rsplit_once(')').expect("comm").1.split_whitespace().collect();
+        let ticks: u64 = fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+        Duration::from_millis(ticks * 1000 / hz)
+    }
+
+    /// The share of one core the daemon used over `window`.
+    pub fn cpu_share_over(&self, window: Duration) -> f64 {
+        let before = self.cpu_time();
+        std::thread::sleep(window);
+        (self.cpu_time() - before).as_secs_f64() / window.as_secs_f64()
+    }
+
+    /// (RSS in KiB, threads, open fds) of the daemon now.
+    pub fn footprint(&self) -> (u64, u64, usize) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("status");
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name)?.split_whitespace().next()?.parse::<u64>().ok())
+                .expect(name)
+        };
+        let fds = std::fs::read_dir(format!("/proc/{}/fd", self.pid())).expect("fds").count();
+        (field("VmRSS:"), field("Threads:"), fds)
+    }
+
+    /// Bytes the daemon has logged so far.
+    pub fn log_len(&self) -> u64 {
+        std::fs::metadata(self.dir.path().join("gmemd.log")).map_or(0, |m| m.len())
+    }
+
+    /// Sends `signal` to the daemon.
+    pub fn signal(&self, signal: libc::c_int) {
+        // SAFETY: kill with a live child's pid.
+        assert_eq!(unsafe { libc::kill(self.pid() as i32, signal) }, 0, "kill");
+    }
+
+    /// Waits up to `timeout` for the daemon to exit.
+    pub fn exited_within(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if !self.alive() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
     }
 
     /// The daemon's pid.
@@ -171,6 +254,23 @@ impl Drop for Gmemd {
             let _ = File::open(self.dir.path().join("gmemd.log")).and_then(|mut f| f.read_to_string(&mut log));
             eprintln!("---- gmemd log ----\n{log}-------------------");
         }
+    }
+}
+
+/// How to start a test gmemd.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    /// Run as this user (and group), without capabilities.
+    pub uid: Option<u32>,
+    /// RLIMIT_NOFILE for the daemon.
+    pub nofile: Option<u64>,
+    /// RUST_LOG.
+    pub log_level: &'static str,
+}
+
+impl Default for Launch {
+    fn default() -> Self {
+        Launch { uid: None, nofile: None, log_level: "info" }
     }
 }
 
