@@ -482,3 +482,19 @@ fn a_ring_filled_while_it_drains_keeps_running() {
     assert_eq!(daemon.device().requests, 50_000);
     assert!(!daemon.device().queues[0].broken);
 }
+
+/// A buffer that runs past the end of the guest-physical address space:
+/// the device put the status byte at the wrapped-around address, in guest
+/// RAM outside every buffer of the chain (found by fuzz/desc_chain).
+#[test]
+fn a_buffer_that_wraps_the_address_space_writes_nothing() {
+    let daemon = Gmemd::start(&[]);
+    let (fe, mem, mut ring) = ready_frontend(&daemon);
+    mem.write(0, &[0xcc; 64]);
+    let wrapping = Desc::w(0xffff_ffff_ffff_fff0, 0x20);
+    let head = ring.push(&mem, &[header(&mem, T_IN, 0), wrapping]);
+    let (len, _) = fe.complete(&mem, &mut ring, head);
+    assert_eq!(len, 0, "nothing was written");
+    assert_eq!(mem.read(0, 64), vec![0xcc; 64], "guest RAM at the wrapped-around address is untouched");
+    assert_eq!(fe.read(&mem, &mut ring, 0, DATA, 512), (513, S_OK), "the queue goes on");
+}

@@ -57,6 +57,9 @@ pub enum RequestError {
     /// The chain loops, or names a descriptor outside the table.
     #[error("descriptor chain loops or leaves the descriptor table")]
     BrokenChain,
+    /// A buffer runs past the end of the guest-physical address space.
+    #[error("a descriptor's buffer runs past the end of the address space")]
+    Wraps,
     /// A readable descriptor follows a writable one.
     #[error("readable descriptor after a writable one")]
     ReadableAfterWritable,
@@ -117,6 +120,7 @@ impl RequestError {
             RequestError::Access(AccessError::NotRam { .. }) => 10,
             RequestError::Access(_) | RequestError::Disk(_) => 11,
             RequestError::BrokenChain => 12,
+            RequestError::Wraps => 13,
         }
     }
 }
@@ -146,7 +150,8 @@ fn split_at(bufs: &[GuestBuf], at: u64) -> (Vec<GuestBuf>, Vec<GuestBuf>) {
             head.push(GuestBuf { addr: buf.addr, len: take as u32 });
         }
         if take < u64::from(buf.len) {
-            let addr = GuestAddress(buf.addr.0.wrapping_add(take));
+            // Buffers were checked not to wrap.
+            let addr = GuestAddress(buf.addr.0 + take);
             tail.push(GuestBuf { addr, len: buf.len - take as u32 });
         }
         left -= take;
@@ -162,12 +167,13 @@ pub fn parse(
     readonly: bool,
 ) -> Result<BlkRequest, Rejected> {
     let (mut readable, mut writable) = (Vec::new(), Vec::new());
-    let (mut misordered, mut cut) = (false, false);
+    let (mut misordered, mut cut, mut wraps) = (false, false, false);
     for desc in chain {
         // virtio-queue ends iteration quietly when a chain loops, points past
         // the table or cannot be read; a last descriptor that still says
         // NEXT means the chain was cut, not finished.
         cut = desc.has_next();
+        wraps |= desc.addr().0.checked_add(u64::from(desc.len())).is_none();
         let buf = GuestBuf { addr: desc.addr(), len: desc.len() };
         if desc.is_write_only() {
             writable.push(buf);
@@ -176,6 +182,12 @@ pub fn parse(
         } else {
             misordered = true;
         }
+    }
+    // A buffer that runs past the end of the address space would put the
+    // status byte, or data, at the wrapped-around low address: no status
+    // is written anywhere then.
+    if wraps {
+        return Err(Rejected { error: RequestError::Wraps, status: None });
     }
     let writable_len = total(&writable);
     if writable_len == 0 {
