@@ -62,9 +62,13 @@ impl Iterator for DescChain<'_> {
         }
         let mut desc = self.read(self.next)?;
         if desc.flags() & VRING_DESC_F_INDIRECT as u16 != 0 {
-            // One indirect table per chain, whole descriptors, at most 2^16.
+            // One indirect table per chain, whole descriptors, fewer than 2^16.
             let entries = desc.len() / size_of::<Descriptor>() as u32;
-            if self.indirect || desc.len() % size_of::<Descriptor>() as u32 != 0 || entries == 0 || entries > 65536 {
+            if self.indirect
+                || desc.len() % size_of::<Descriptor>() as u32 != 0
+                || entries == 0
+                || entries > u32::from(u16::MAX)
+            {
                 self.done = true;
                 return None;
             }

@@ -11,7 +11,9 @@ mod vring;
 mod wire;
 mod worker;
 
+pub use chain::DescChain;
 pub use connection::{FrontendConnection, Refusal};
+pub use dispatch::serve as serve_connection;
 pub use inflight::{InflightError, InflightRegion};
 pub use server::{serve, ConnectionThreads};
 pub use vring::MAX_QUEUE_SIZE;
