@@ -57,6 +57,9 @@ pub struct GmemdOptions {
     pub user: Option<u32>,
     /// Further arguments.
     pub extra: Vec<String>,
+    /// The gmemd binary to run instead of the workspace's (which
+    /// [`binaries`] builds), e.g. another build a benchmark measures.
+    pub binary: Option<PathBuf>,
 }
 
 impl Default for GmemdOptions {
@@ -69,6 +72,7 @@ impl Default for GmemdOptions {
             netns: None,
             user: None,
             extra: Vec::new(),
+            binary: None,
         }
     }
 }
@@ -119,7 +123,10 @@ impl Gmemd {
                     .map(Into::into),
             );
         }
-        argv.push(binaries()?.join("gmemd").into());
+        match &options.binary {
+            Some(binary) => argv.push(binary.into()),
+            None => argv.push(binaries()?.join("gmemd").into()),
+        }
         let mut command = Command::new(&argv[0]);
         command.args(&argv[1..]);
         let child = command
