@@ -1,6 +1,7 @@
 //! What a run is, and one guest run of the `bench` agent on gmemd (through
 //! the test harness); the qemu-storage-daemon side is in `qsd.rs`.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -119,6 +120,28 @@ pub fn optimize_harness_gmemd() {
     }
 }
 
+/// The command line `Gmemd::start` ran for `options` (with `binary`),
+/// rebuilt for the record.
+pub fn gmemd_command(binary: &Path, gmemd: &Gmemd, options: &GmemdOptions) -> String {
+    shell_join(
+        [
+            binary.display().to_string(),
+            "--socket".into(),
+            gmemd.socket.display().to_string(),
+            "--control".into(),
+            gmemd.control.display().to_string(),
+            "--disk".into(),
+            gmemd.disk.display().to_string(),
+            "--memory".into(),
+            options.memory.clone(),
+            "--queues".into(),
+            options.queues.to_string(),
+        ]
+        .into_iter()
+        .chain(options.extra.iter().cloned()),
+    )
+}
+
 /// gmemd: `Gmemd::start` on a fresh sparse image, `Vm::boot` on it.
 pub fn run_gmemd(work: &Workload, image: &GuestImage) -> Result<Run> {
     let started = Instant::now();
@@ -136,19 +159,7 @@ pub fn run_gmemd(work: &Workload, image: &GuestImage) -> Result<Run> {
         .append(work.append())
         .cpus(std::num::NonZeroU32::new(work.cpus).context("--cpus must be at least 1")?)
         .serial(SerialSink::File(gmemd.dir.path().join("bench.serial")));
-    let daemon = shell_join([
-        gmem_tests::binaries()?.join("gmemd").display().to_string(),
-        "--socket".into(),
-        gmemd.socket.display().to_string(),
-        "--control".into(),
-        gmemd.control.display().to_string(),
-        "--disk".into(),
-        gmemd.disk.display().to_string(),
-        "--memory".into(),
-        options.memory.clone(),
-        "--queues".into(),
-        "1".into(),
-    ]);
+    let daemon = gmemd_command(&gmem_tests::binaries()?.join("gmemd"), &gmemd, &options);
     let params = work.params();
     let refs: Vec<(&str, &str)> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let mut vm = Vm::boot(&gmemd, "bench", work.cpus, "bench", &refs)?;

@@ -162,7 +162,5 @@ pub fn run(args: Args) -> Result<()> {
         runs,
         summary,
     };
-    let path = results::write_json(args.backends.json_out, "", &report)?;
-    println!("JSON result: {}", path.display());
-    Ok(())
+    results::save(args.backends.json_out, "", &report)
 }

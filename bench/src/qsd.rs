@@ -44,6 +44,11 @@ impl Guard {
         Ok(Guard { child, what })
     }
 
+    /// The process id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Its exit status, if it has exited.
     pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
         self.child.try_wait().with_context(|| format!("waiting for {}", self.what))
@@ -71,25 +76,66 @@ impl Drop for Guard {
     }
 }
 
+/// How qemu-storage-daemon opens and exports the image; the default is the
+/// guest benchmarks' configuration ([`qsd_args`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QsdConfig {
+    /// `locking=off` on the file node, so that a second daemon (a
+    /// migration's destination) can open the image too, as two gmemds do;
+    /// without it the second one fails to take the image's lock.
+    pub shared_image: bool,
+    /// The file driver's `aio=` (`threads` when `None`, QEMU's default).
+    pub aio: Option<&'static str>,
+    /// `cache.direct=on` (O_DIRECT) instead of the host page cache.
+    pub direct: bool,
+    /// The export's `num-queues`.
+    pub queues: u16,
+    /// Run the export in an `--object iothread` of its own instead of the
+    /// main loop.
+    pub iothread: bool,
+}
+
+impl Default for QsdConfig {
+    fn default() -> Self {
+        QsdConfig { shared_image: false, aio: None, direct: false, queues: 1, iothread: false }
+    }
+}
+
 /// qemu-storage-daemon's arguments: the raw image through the file driver
 /// (host page cache on, like gmemd's buffered I/O), exported as
-/// vhost-user-blk with one queue. `shared_image` adds `locking=off`, so that
-/// a second daemon (a migration's destination) can open the image too, as
-/// two gmemds do; without it the second one fails to take the image's lock.
+/// vhost-user-blk with one queue; `shared_image` as in [`QsdConfig`].
 pub fn qsd_args(disk: &Path, socket: &Path, shared_image: bool) -> Vec<String> {
+    let config = QsdConfig { shared_image, ..QsdConfig::default() };
+    qsd_args_with(disk, socket, &config)
+}
+
+/// qemu-storage-daemon's arguments for `config`.
+pub fn qsd_args_with(disk: &Path, socket: &Path, config: &QsdConfig) -> Vec<String> {
     let (disk, socket) = (disk.to_string_lossy(), socket.to_string_lossy());
-    let locking = if shared_image { ",locking=off" } else { "" };
-    vec![
+    let locking = if config.shared_image { ",locking=off" } else { "" };
+    let aio = config.aio.map_or(String::new(), |aio| format!(",aio={aio}"));
+    let direct = if config.direct { "on" } else { "off" };
+    let mut args = Vec::new();
+    if config.iothread {
+        args.extend(["--object".into(), "iothread,id=iot0".into()]);
+    }
+    let iothread = if config.iothread { ",iothread=iot0" } else { "" };
+    args.extend([
         "--blockdev".into(),
-        format!("driver=file,node-name=file0,filename={},cache.direct=off{locking}", qemu_opt_value(&disk)),
+        format!(
+            "driver=file,node-name=file0,filename={}{aio},cache.direct={direct}{locking}",
+            qemu_opt_value(&disk)
+        ),
         "--blockdev".into(),
         "driver=raw,node-name=disk0,file=file0".into(),
         "--export".into(),
         format!(
-            "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable=on,num-queues=1",
-            qemu_opt_value(&socket)
+            "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable=on,num-queues={}{iothread}",
+            qemu_opt_value(&socket),
+            config.queues
         ),
-    ]
+    ]);
+    args
 }
 
 /// The guest a qsd run boots: what the gmemd run's QEMU gets from gmemd
@@ -243,5 +289,14 @@ mod tests {
         );
         let shared = qsd_args(Path::new("/t/d.raw"), Path::new("/t/v.sock"), true);
         assert_eq!(shared[1], "driver=file,node-name=file0,filename=/t/d.raw,cache.direct=off,locking=off");
+        let best = QsdConfig { aio: Some("io_uring"), direct: true, queues: 2, iothread: true, ..QsdConfig::default() };
+        assert_eq!(
+            shell_join(qsd_args_with(Path::new("/t/d.raw"), Path::new("/t/v.sock"), &best)),
+            "--object iothread,id=iot0 \
+             --blockdev driver=file,node-name=file0,filename=/t/d.raw,aio=io_uring,cache.direct=on \
+             --blockdev driver=raw,node-name=disk0,file=file0 \
+             --export type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,\
+             addr.path=/t/v.sock,writable=on,num-queues=2,iothread=iot0"
+        );
     }
 }

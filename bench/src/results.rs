@@ -21,3 +21,10 @@ pub fn write_json(path: Option<PathBuf>, suffix: &str, report: &impl Serialize) 
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
 }
+
+/// [`write_json`], then says where the result went.
+pub fn save(path: Option<PathBuf>, suffix: &str, report: &impl Serialize) -> Result<()> {
+    let path = write_json(path, suffix, report)?;
+    println!("JSON result: {}", path.display());
+    Ok(())
+}

@@ -204,9 +204,7 @@ pub fn run(args: Args) -> Result<()> {
         summary,
         qsd_postcopy,
     };
-    let path = results::write_json(args.backends.json_out, "-migration", &report)?;
-    println!("JSON result: {}", path.display());
-    Ok(())
+    results::save(args.backends.json_out, "-migration", &report)
 }
 
 /// Builds `scenario`'s testbed: the hosts, the backends, the guest.
