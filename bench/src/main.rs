@@ -5,6 +5,7 @@ mod backends;
 mod compare;
 mod figures;
 mod host;
+mod hostside;
 mod migration;
 mod qsd;
 mod results;
@@ -46,6 +47,10 @@ they are not the backends' or the disk's physical limits.";
 /// a FLUSH, while gmemd receives one FLUSH per seq-write and runs fdatasync.
 /// See docs/benchmarks.md.
 ///
+/// `gmem-bench host` drives gmemd and qemu-storage-daemon from the host
+/// through libblkio instead (no guest), next to the raw io_uring ceiling;
+/// see `gmem-bench host --help`.
+///
 /// `gmem-bench migration` measures live migration instead (precopy and
 /// postcopy, direct and delayed link, gmemd and qemu-storage-daemon); see
 /// `gmem-bench migration --help`.
@@ -66,12 +71,14 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     Migration(migration::Args),
+    Host(hostside::Args),
 }
 
 const EXAMPLES: &str = "Examples:
   cargo run --release -p gmem-bench -- --runs 3
   cargo run --release -p gmem-bench -- --gmemd-only --runs 1 --mib 32 --randreads 1000
   cargo run --release -p gmem-bench -- migration --runs 3
+  cargo run --release -p gmem-bench -- host --quick
 
 Needs qemu-system-x86_64 and (unless --gmemd-only) qemu-storage-daemon on PATH;
 the first run builds the guest image and gmemd, which takes a while.";
@@ -80,6 +87,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let build = match &cli.command {
         Some(Command::Migration(args)) => args.backends.gmemd_build,
+        Some(Command::Host(args)) => args.backends.gmemd_build,
         None => cli.compare.backends.gmemd_build,
     };
     if build == GmemdBuild::Release {
@@ -88,6 +96,7 @@ fn main() -> Result<()> {
     }
     match cli.command {
         Some(Command::Migration(args)) => migration::run(args),
+        Some(Command::Host(args)) => hostside::run(args),
         None => compare::run(cli.compare),
     }
 }
