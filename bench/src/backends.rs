@@ -79,7 +79,7 @@ pub struct BackendArgs {
     #[arg(long, value_enum, default_value_t = GmemdBuild::Release)]
     pub gmemd_build: GmemdBuild,
 
-    /// Where to write the JSON result [default: bench/results/<UTC timestamp>[-migration].json]
+    /// Where to write the JSON result [default: bench/results/<UTC timestamp>[-migration|-host].json]
     #[arg(long, value_name = "PATH")]
     pub json_out: Option<std::path::PathBuf>,
 }

@@ -258,6 +258,8 @@ pub fn run(args: Args) -> Result<()> {
     let gmemd_only = args.backends.gmemd_only;
     let command_line = shell_join(std::env::args());
     let timestamp = host::utc_timestamp(false);
+    // Before the runs: the tree may change while they go on.
+    let source_commit = source_commit();
     let host = HostInfo::gather(Path::new(QEMU), (!gmemd_only).then_some(args.backends.qsd.as_path()))?;
     let can_pin = host.nproc >= 2;
     if !can_pin {
@@ -307,7 +309,7 @@ pub fn run(args: Args) -> Result<()> {
             .with_context(|| format!("{} on {} (repetition {})", case.name, slot.backend.name(), slot.rep))?;
         let m = &record.measurement;
         println!(
-            "[{:>3}/{}] {:<36} {:<12} {:>9.0} IOPS {:>8.1} MiB/s  p50 {:>7.1} p99 {:>7.1} us  CPU {:>5.1} us/IO  (load {})",
+            "[{:>3}/{}] {:<36} {:<12} {:>9.0} IOPS {:>8.1} MiB/s  p50 {:>7.1} p99 {:>7.1} us  CPU {:>5.1} us/IO  (others {:.1} CPU-s, load {})",
             n + 1,
             slots.len(),
             case.name,
@@ -317,6 +319,7 @@ pub fn run(args: Args) -> Result<()> {
             m.p50_us,
             m.p99_us,
             m.cpu_us_per_io,
+            m.others_cpu_seconds,
             record.load_average.map_or("?".into(), |l| format!("{l:.2}"))
         );
         runs.push(record);
@@ -329,11 +332,15 @@ pub fn run(args: Args) -> Result<()> {
     println!("\n{table}");
     println!(
         "qsd columns: the better of cache.direct=off/on where both ran, marked (buffered)/(direct).\n\
-         CPU per I/O: backend utime+stime / I/Os; raw: the benchmark's own. Load average at the end: {}",
+         CPU per I/O: backend utime+stime / I/Os; raw: the benchmark's own.\n\
+         others' CPU-s: min-max over the case's runs of the CPU seconds the rest of the host used during\n\
+         a timed phase (at most {} CPUs x {:.1} s); high values mean the figures were disturbed.\n\
+         Load average at the end: {}",
+        std::thread::available_parallelism().map_or(1, usize::from),
+        duration.as_secs_f64(),
         sys::load_average().map_or("?".into(), |l| format!("{l:.2}"))
     );
 
-    let source_commit = source_commit();
     let plot_path = args.plot_out.clone().unwrap_or_else(|| {
         gmem_tests::guest::repo_root().join(format!("bench/results/{}-host-qd.svg", host::utc_timestamp(true)))
     });
@@ -462,14 +469,17 @@ fn run_one(ctx: &RunContext<'_>, case: &Case, backend: Backend, rep: u32, seed: 
 
     let me = std::process::id();
     let backend_cpu = |d: &Option<Daemon>| d.as_ref().map(|d| sys::cpu_seconds(d.pid)).transpose();
-    let (backend_before, client_before) = (backend_cpu(&daemon)?, sys::cpu_seconds(me)?);
+    let (backend_before, client_before, host_before) =
+        (backend_cpu(&daemon)?, sys::cpu_seconds(me)?, sys::host_busy_seconds()?);
     let results = phase(&mut queues, case, image_bytes, ctx.duration, pinned, seed)?;
-    let (backend_after, client_after) = (backend_cpu(&daemon)?, sys::cpu_seconds(me)?);
+    let (backend_after, client_after, host_after) =
+        (backend_cpu(&daemon)?, sys::cpu_seconds(me)?, sys::host_busy_seconds()?);
     let backend_cpu = match (backend_before, backend_after) {
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
     };
-    let measurement = Measurement::new(results, case.block, backend_cpu, client_after - client_before);
+    let measurement =
+        Measurement::new(results, case.block, backend_cpu, client_after - client_before, host_after - host_before);
     let resident_after = match case.image {
         ImageKind::Uncached => Some(sys::resident_fraction(&host_file, image)?),
         ImageKind::Cached => None,

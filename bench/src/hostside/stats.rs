@@ -32,6 +32,10 @@ pub struct Measurement {
     pub cpu_us_per_io: f64,
     /// The client's CPU per I/O, microseconds.
     pub client_cpu_us_per_io: f64,
+    /// CPU seconds the rest of the host (neither the backend nor the
+    /// client) used during the timed phase: how loaded the shared machine
+    /// was while this run was measured.
+    pub others_cpu_seconds: f64,
 }
 
 /// The `q`-quantile (0..=1) of sorted values, nearest rank.
@@ -50,6 +54,7 @@ impl Measurement {
         block: usize,
         backend_cpu_seconds: Option<f64>,
         client_cpu_seconds: f64,
+        host_busy_seconds: f64,
     ) -> Measurement {
         let ios: u64 = queues.iter().map(|q| q.ios).sum();
         let seconds = queues.iter().map(|q| q.elapsed.as_secs_f64()).fold(0.0, f64::max);
@@ -76,6 +81,7 @@ impl Measurement {
             client_cpu_seconds,
             cpu_us_per_io: per_io(backend_cpu_seconds.unwrap_or(client_cpu_seconds)),
             client_cpu_us_per_io: per_io(client_cpu_seconds),
+            others_cpu_seconds: (host_busy_seconds - client_cpu_seconds - backend_cpu_seconds.unwrap_or(0.0)).max(0.0),
         }
     }
 }
@@ -120,6 +126,9 @@ pub struct CaseSummary {
     pub ratio_gmemd_over_qsd: Option<f64>,
     /// gmemd median IOPS / raw median IOPS.
     pub ratio_gmemd_over_raw: Option<f64>,
+    /// CPU seconds the rest of the host used per timed phase, over all of
+    /// the case's runs: the noise the case was measured under.
+    pub others_cpu_seconds: Option<Stats>,
 }
 
 impl CaseSummary {
@@ -159,8 +168,11 @@ pub fn summarize(cases: &[Case], runs: &[(usize, Backend, &Measurement)]) -> Vec
                 (Some(a), Some(b)) if b > 0.0 => Some(a / b),
                 _ => None,
             };
+            let others =
+                Stats::of(runs.iter().filter(|(c, _, _)| *c == index).map(|(_, _, m)| m.others_cpu_seconds).collect());
             CaseSummary {
                 case: case.clone(),
+                others_cpu_seconds: others,
                 ratio_gmemd_over_qsd: ratio(iops(Some(Backend::Gmemd)), iops(qsd_best)),
                 ratio_gmemd_over_raw: ratio(iops(Some(Backend::Gmemd)), iops(Some(Backend::Raw))),
                 qsd_best,
@@ -187,14 +199,14 @@ fn qsd_label(summary: &CaseSummary) -> &'static str {
 /// to paste into docs/benchmarks.md.
 pub fn tables(summaries: &[CaseSummary]) -> String {
     let mut out = String::from(
-        "| case | gmemd IOPS | qsd IOPS | raw IOPS | gmemd/qsd | gmemd/raw | gmemd MiB/s | qsd MiB/s | raw MiB/s |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| case | gmemd IOPS | qsd IOPS | raw IOPS | gmemd/qsd | gmemd/raw | gmemd MiB/s | qsd MiB/s | raw MiB/s | others' CPU-s |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for s in summaries {
         let (g, q, r) = (s.get(Backend::Gmemd), s.qsd(), s.get(Backend::Raw));
         let ratio = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.2}"));
         out.push_str(&format!(
-            "| {} | {} | {}{} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {}{} | {} | {} | {} | {} | {} | {} | {} |\n",
             s.case.name,
             cell(g, |b| b.iops.median, 0),
             cell(q, |b| b.iops.median, 0),
@@ -205,6 +217,7 @@ pub fn tables(summaries: &[CaseSummary]) -> String {
             cell(g, |b| b.mib_per_s.median, 1),
             cell(q, |b| b.mib_per_s.median, 1),
             cell(r, |b| b.mib_per_s.median, 1),
+            s.others_cpu_seconds.as_ref().map_or("-".into(), |o| format!("{:.1}–{:.1}", o.min, o.max)),
         ));
     }
     out.push_str(
@@ -273,7 +286,7 @@ mod tests {
 
     #[test]
     fn measurement_from_queues() {
-        let m = Measurement::new(vec![queue(1000, 500, 10), queue(1000, 1000, 20)], 4096, Some(0.02), 0.01);
+        let m = Measurement::new(vec![queue(1000, 500, 10), queue(1000, 1000, 20)], 4096, Some(0.02), 0.01, 0.5);
         assert_eq!(m.ios, 2000);
         assert!((m.seconds - 1.0).abs() < 1e-9);
         assert!((m.iops - 2000.0).abs() < 1e-6);
@@ -282,7 +295,8 @@ mod tests {
         assert!((m.client_cpu_us_per_io - 5.0).abs() < 1e-9);
         assert!(m.p50_us >= 10.0 && m.p50_us <= 12.0, "{}", m.p50_us);
         assert!(m.p99_us >= 20.0, "{}", m.p99_us);
-        let raw = Measurement::new(vec![queue(100, 100, 5)], 4096, None, 0.001);
+        assert!((m.others_cpu_seconds - 0.47).abs() < 1e-9);
+        let raw = Measurement::new(vec![queue(100, 100, 5)], 4096, None, 0.001, 0.0);
         assert!((raw.cpu_us_per_io - 10.0).abs() < 1e-9, "raw: the client's CPU");
     }
 
@@ -290,7 +304,7 @@ mod tests {
     fn summary_picks_the_better_qsd() {
         let cases = quick_plan();
         let uncached = cases.len() - 1;
-        let m = |iops: f64| Measurement::new(vec![queue(iops as u64, 1000, 10)], 4096, Some(0.1), 0.1);
+        let m = |iops: f64| Measurement::new(vec![queue(iops as u64, 1000, 10)], 4096, Some(0.1), 0.1, 0.3);
         let (g, qb, qd, r) = (m(300.0), m(100.0), m(200.0), m(400.0));
         let runs = vec![
             (uncached, Backend::Gmemd, &g),

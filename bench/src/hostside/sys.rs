@@ -79,6 +79,25 @@ pub fn clock_ticks_per_second() -> f64 {
     }
 }
 
+/// CPU time the whole host spent busy (user, nice, system, irq, softirq,
+/// steal; not idle or iowait) from the text of /proc/stat, in clock ticks.
+pub fn parse_host_busy(stat: &str) -> Option<u64> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let fields: Vec<u64> = line.split_whitespace().skip(1).map(|f| f.parse().ok()).collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal (guest time is
+    // already inside user and nice).
+    let busy = [0, 1, 2, 5, 6, 7].iter().map(|&i| fields.get(i).copied().unwrap_or(0)).sum();
+    (fields.len() >= 4).then_some(busy)
+}
+
+/// CPU seconds the whole host has spent busy so far (all CPUs together).
+pub fn host_busy_seconds() -> Result<f64> {
+    let text = std::fs::read_to_string("/proc/stat").map_err(|e| HostBenchError::io("reading /proc/stat", e))?;
+    let ticks = parse_host_busy(&text)
+        .ok_or_else(|| HostBenchError::Parse { path: "/proc/stat".into(), what: "no cpu line".into() })?;
+    Ok(ticks as f64 / clock_ticks_per_second())
+}
+
 /// The 1-minute load average, from /proc/loadavg.
 pub fn load_average() -> Option<f64> {
     std::fs::read_to_string("/proc/loadavg").ok()?.split_whitespace().next()?.parse().ok()
@@ -186,5 +205,12 @@ mod tests {
         assert_eq!(parse_stat_cpu(stat), Some(325));
         assert_eq!(parse_stat_cpu("1234 (x) S 1"), None);
         assert_eq!(parse_stat_cpu("no parenthesis"), None);
+    }
+
+    #[test]
+    fn host_busy_ticks() {
+        let stat = "cpu  100 5 50 1000 30 2 3 10 0 0\ncpu0 50 2 25 500 15 1 1 5 0 0\n";
+        assert_eq!(parse_host_busy(stat), Some(100 + 5 + 50 + 2 + 3 + 10));
+        assert_eq!(parse_host_busy("intr 5\n"), None);
     }
 }
