@@ -236,23 +236,41 @@ pub enum SharedFileError {
     Unsealable(io::Error),
 }
 
-/// Makes sure `file` covers `[0, end)` for as long as gmemd maps it: it is
-/// sealed against shrinking (gmemd adds the seal to a memfd that allows it)
-/// and long enough. A file that can neither be sealed nor is sealed is
-/// refused, because a later truncation would SIGBUS the daemon.
-pub fn pin_shared_file_size(file: &File, end: u64) -> Result<(), SharedFileError> {
-    let sealed = match seals(file) {
-        Ok(current) if current & libc::F_SEAL_SHRINK != 0 => Ok(()),
-        Ok(_) => add_seals(file, libc::F_SEAL_SHRINK),
-        Err(error) => Err(error),
+/// Whether a shared file can shrink under gmemd.
+#[derive(Debug)]
+pub enum SizePin {
+    /// Sealed against shrinking (gmemd added the seal if it was missing).
+    Sealed,
+    /// No seal can be added: the file may be truncated later.
+    Unsealable(io::Error),
+}
+
+/// Makes sure `file` covers `[0, end)`, and seals it against shrinking if
+/// it is not sealed yet and allows it, so that a later truncation cannot
+/// turn gmemd's accesses into SIGBUS. Says whether it could.
+pub fn pin_shared_file_size(file: &File, end: u64) -> Result<SizePin, SharedFileError> {
+    let pin = match seals(file) {
+        Ok(current) if current & libc::F_SEAL_SHRINK != 0 => SizePin::Sealed,
+        Ok(_) => match add_seals(file, libc::F_SEAL_SHRINK) {
+            Ok(()) => SizePin::Sealed,
+            Err(error) => SizePin::Unsealable(error),
+        },
+        Err(error) => SizePin::Unsealable(error),
     };
-    sealed.map_err(SharedFileError::Unsealable)?;
-    // Sealed first, measured second: the size can no longer go down.
+    // Measured after sealing, when the size can no longer go down.
     let len = file.metadata().map_err(SharedFileError::Stat)?.len();
     if len < end {
         return Err(SharedFileError::Short { len, end });
     }
-    Ok(())
+    Ok(pin)
+}
+
+/// Like [`pin_shared_file_size`], for memory gmemd only accepts sealed.
+pub fn require_sealed_size(file: &File, end: u64) -> Result<(), SharedFileError> {
+    match pin_shared_file_size(file, end)? {
+        SizePin::Sealed => Ok(()),
+        SizePin::Unsealable(error) => Err(SharedFileError::Unsealable(error)),
+    }
 }
 
 /// SIGTERM, SIGINT and SIGHUP, blocked in the calling thread and every
@@ -397,11 +415,12 @@ mod tests {
     fn shared_files_are_sealed_against_shrinking_and_measured() {
         let sealable = memfd("t", libc::MFD_ALLOW_SEALING).expect("memfd");
         sealable.set_len(8192).expect("size");
-        pin_shared_file_size(&sealable, 8192).expect("sealed by gmemd");
+        require_sealed_size(&sealable, 8192).expect("sealed by gmemd");
         assert!(sealable.set_len(4096).is_err(), "shrinking is refused from now on");
         assert!(matches!(pin_shared_file_size(&sealable, 8193), Err(SharedFileError::Short { .. })));
         let unsealable = tempfile::tempfile().expect("a file that takes no seals");
         unsealable.set_len(8192).expect("size");
-        assert!(matches!(pin_shared_file_size(&unsealable, 4096), Err(SharedFileError::Unsealable(_))));
+        assert!(matches!(pin_shared_file_size(&unsealable, 4096), Ok(SizePin::Unsealable(_))));
+        assert!(matches!(require_sealed_size(&unsealable, 4096), Err(SharedFileError::Unsealable(_))));
     }
 }

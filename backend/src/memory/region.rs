@@ -213,7 +213,7 @@ impl GuestRegion {
 
 /// The page size of the file system `file` lives on: the huge page size on
 /// hugetlbfs, 4 KiB elsewhere.
-fn file_page_size(file: &File) -> u64 {
+pub(super) fn file_page_size(file: &File) -> u64 {
     const HUGETLBFS_MAGIC: libc::c_long = 0x9584_58f6;
     let mut stat = std::mem::MaybeUninit::<libc::statfs>::uninit();
     // SAFETY: fstatfs fills the statfs it is given, for a valid fd.

@@ -50,9 +50,12 @@ pub enum TableError {
     /// Mapping foreign memory failed.
     #[error("mapping foreign memory at GPA {gpa:#x}: {source}")]
     MapForeign { gpa: u64, source: vm_memory::mmap::MmapRegionError },
-    /// Foreign memory that is too short, or could shrink under gmemd.
+    /// Foreign memory that is too short.
     #[error("foreign memory at GPA {gpa:#x}: {source}")]
     ForeignFile { gpa: u64, source: crate::sys::SharedFileError },
+    /// Too many mappings that could shrink are guarded already.
+    #[error("foreign memory at GPA {gpa:#x} cannot be sealed against shrinking, and gmemd guards as many such mappings as it can; send memfds created with MFD_ALLOW_SEALING")]
+    TooManyUnsealed { gpa: u64 },
     /// The range is empty or overflows the address space.
     #[error("invalid range at GPA {gpa:#x}, {size:#x} bytes")]
     InvalidRange { gpa: u64, size: u64 },
@@ -79,6 +82,9 @@ pub struct RamView {
     desc: MemRegionDesc,
     owner: Option<String>,
     hugepage_advised: bool,
+    /// Foreign memory that could be truncated is guarded while mapped;
+    /// declared after `mapping`, so the guard goes after the mapping.
+    _truncation: Option<Arc<super::truncation::TruncationGuard>>,
 }
 
 impl RamView {
@@ -161,6 +167,7 @@ fn own_view(region: &GuestRegion, desc: MemRegionDesc) -> Result<RamView, TableE
         desc,
         owner: Some(region.id().to_string()),
         hugepage_advised: region.hugepage_advised(),
+        _truncation: None,
     })
 }
 
@@ -206,13 +213,33 @@ impl MemoryTable {
             Some(region) => own_view(region, desc)?,
             None if allow_foreign => {
                 // The frontend keeps its fd and could truncate the file:
-                // seal it against that, or refuse it, before mapping.
+                // seal it against that where the file allows; where it does
+                // not (libblkio's memfds, a tmpfs file), the mapping is
+                // guarded so a truncation costs the frontend its data, not
+                // gmemd its life.
                 let end = desc.mmap_offset.checked_add(size).ok_or(TableError::InvalidRange { gpa, size })?;
-                crate::sys::pin_shared_file_size(&file, end)
+                let pin = crate::sys::pin_shared_file_size(&file, end)
                     .map_err(|source| TableError::ForeignFile { gpa, source })?;
                 let mapping = MmapRegion::from_file(FileOffset::new(file, desc.mmap_offset), len)
                     .map_err(|source| TableError::MapForeign { gpa, source })?;
-                RamView { mapping: Arc::new(mapping), offset: 0, len, desc, owner: None, hugepage_advised: false }
+                let truncation = match pin {
+                    crate::sys::SizePin::Sealed => None,
+                    crate::sys::SizePin::Unsealable(_) => {
+                        let page =
+                            mapping.file_offset().map_or(4096, |f| super::region::file_page_size(f.file())) as usize;
+                        let guard = super::truncation::protect(mapping.as_ptr() as usize, len, page);
+                        Some(Arc::new(guard.ok_or(TableError::TooManyUnsealed { gpa })?))
+                    }
+                };
+                RamView {
+                    mapping: Arc::new(mapping),
+                    offset: 0,
+                    len,
+                    desc,
+                    owner: None,
+                    hugepage_advised: false,
+                    _truncation: truncation,
+                }
             }
             None => return Err(TableError::Foreign { gpa, size }),
         };
@@ -350,8 +377,7 @@ mod tests {
         assert!(foreign.set_len(4096).is_err(), "gmemd sealed it against shrinking");
         let unsealable = tempfile::tempfile().expect("tmp");
         unsealable.set_len(MIB).expect("size");
-        let refused = table.add(&regions, desc(MIB, MIB, 0), unsealable, true);
-        assert!(matches!(refused, Err(TableError::ForeignFile { .. })), "a file that could shrink");
+        table.add(&regions, desc(MIB, MIB, 0), unsealable, true).expect("a file that could shrink, guarded");
     }
 
     #[test]

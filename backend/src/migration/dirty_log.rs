@@ -66,7 +66,7 @@ impl DirtyLog {
     pub fn set_base(&self, file: File, size: u64, offset: u64) -> Result<(), LogError> {
         let len = usize::try_from(size).ok().filter(|len| *len > 0).ok_or(LogError::BadSize(size))?;
         let end = offset.checked_add(size).ok_or(LogError::BadSize(size))?;
-        crate::sys::pin_shared_file_size(&file, end)?;
+        crate::sys::require_sealed_size(&file, end)?;
         let region = MmapRegion::from_file(FileOffset::new(file, offset), len)?;
         *self.lock() = Some(Arc::new(region));
         self.stats.set_log(self.active(), size);

@@ -111,7 +111,7 @@ impl InflightRegion {
             return Err(InflightError::TooSmall { got: mmap_size, want: want as u64, num_queues, queue_size });
         }
         let end = mmap_offset.checked_add(mmap_size).ok_or(InflightError::BadShape { num_queues, queue_size })?;
-        crate::sys::pin_shared_file_size(&file, end)?;
+        crate::sys::require_sealed_size(&file, end)?;
         let mapping = MmapRegion::from_file(FileOffset::new(file, mmap_offset), len)?;
         Ok(InflightRegion { mapping, num_queues, queue_size })
     }

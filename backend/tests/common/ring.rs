@@ -55,6 +55,11 @@ impl GuestMem {
         Self::map(sealed_memfd(c"gmemd-test-foreign", size))
     }
 
+    /// The file the memory is mapped from.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     /// Size in bytes.
     pub fn size(&self) -> u64 {
         self.size
