@@ -32,6 +32,12 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
 
+    /// File recording this gmemd's regions and frontends, so that a gmemd
+    /// restarted after a crash takes back the RAM a running QEMU still maps
+    /// (default: the --socket path with `.state` appended).
+    #[arg(long, value_name = "PATH")]
+    pub state: Option<PathBuf>,
+
     /// Guest RAM as one region `ram0` of this size (e.g. 512M, 1G).
     /// Ignored when --region is given.
     #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
@@ -111,6 +117,15 @@ SIGTERM and SIGINT stop gmemd; SIGHUP is ignored (a closed terminal must not
 take a guest's RAM and disk down).";
 
 impl Args {
+    /// The state file's path.
+    pub fn state_path(&self) -> PathBuf {
+        self.state.clone().unwrap_or_else(|| {
+            let mut path = self.socket.clone().into_os_string();
+            path.push(".state");
+            path.into()
+        })
+    }
+
     /// The regions to create: the --region list, or one `ram0` of --memory.
     pub fn region_specs(&self) -> Result<Vec<RegionSpec>, CliError> {
         if self.region.is_empty() {

@@ -22,6 +22,7 @@ use crate::memory::RegionSet;
 use crate::migration::{MigrationStats, PostcopySession, Userfault};
 use crate::peers::PeerPolicy;
 use crate::record::ConnectionRecord;
+use crate::state_file::StateFile;
 
 /// Daemon-wide switches.
 #[derive(Debug, Clone)]
@@ -283,11 +284,20 @@ pub struct Daemon {
     frontends: Mutex<BTreeMap<u64, Arc<FrontendStatus>>>,
     quitting: AtomicBool,
     quit_event: EventFd,
+    /// Serialises writes of the state file.
+    state_file: Mutex<Option<StateFile>>,
 }
 
 impl Daemon {
     /// Shared state over already-created regions and device.
-    pub fn new(regions: RegionSet, device: BlkDevice, options: DaemonOptions) -> std::io::Result<Self> {
+    /// `state_file` is where it records its regions and frontends for a
+    /// restart after a crash, if anywhere.
+    pub fn new(
+        regions: RegionSet,
+        device: BlkDevice,
+        options: DaemonOptions,
+        state_file: Option<StateFile>,
+    ) -> std::io::Result<Self> {
         let postcopy_unavailable = Self::probe_postcopy(&regions);
         Ok(Daemon {
             postcopy_unavailable,
@@ -305,7 +315,18 @@ impl Daemon {
             frontends: Mutex::default(),
             quitting: AtomicBool::new(false),
             quit_event: EventFd::new(EFD_NONBLOCK)?,
+            state_file: Mutex::new(state_file),
         })
+    }
+
+    /// Writes the state file: the regions and the frontends connected now.
+    pub fn record_state(&self) {
+        let mut state = self.state_file.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(state) = state.as_mut() {
+            if let Err(error) = state.write(self.regions.records(), &self.frontend_pids()) {
+                log::warn!("{error}; a gmemd restarted after a crash could not take this RAM back");
+            }
+        }
     }
 
     /// Why postcopy cannot be served, if it cannot: then PAGEFAULT is not
@@ -360,6 +381,7 @@ impl Daemon {
             }
             frontends.insert(status.id, Arc::clone(&status));
         }
+        self.record_state();
         self.events.emit(EventKind::FrontendConnected, data);
         Some(status)
     }
@@ -367,6 +389,7 @@ impl Daemon {
     /// Forgets a frontend and announces it.
     pub fn frontend_disconnected(&self, id: u64) {
         self.frontends().remove(&id);
+        self.record_state();
         self.events.emit(EventKind::FrontendDisconnected, serde_json::json!({ "id": id }));
     }
 

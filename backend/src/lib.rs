@@ -21,5 +21,6 @@ pub mod memory;
 pub mod migration;
 pub mod peers;
 pub mod record;
+pub mod state_file;
 pub mod sys;
 pub mod vhost;

@@ -12,6 +12,7 @@ use gmemd::cli::Args;
 use gmemd::daemon::{Daemon, DaemonOptions};
 use gmemd::memory::RegionSet;
 use gmemd::peers::PeerPolicy;
+use gmemd::state_file::{PreviousLife, StateFile};
 use gmemd::sys::SocketAccess;
 use gmemd::vhost::ConnectionThreads;
 use gmemd::{control, vhost};
@@ -37,7 +38,27 @@ fn main() -> Result<()> {
     gmemd::logging::RateLimitedLogger::install().context("installing the logger")?;
     let args = Args::parse();
     let specs = args.region_specs()?;
-    let regions = RegionSet::create(specs).context("creating guest RAM")?;
+    let mut state = StateFile::new(args.state_path());
+    let previous = match state.load() {
+        Ok(previous) => previous.filter(PreviousLife::ram_may_live),
+        Err(error) => {
+            log::warn!("{error}; starting with new guest RAM");
+            None
+        }
+    };
+    let regions =
+        RegionSet::resume(specs, previous.as_ref().map_or(&[], |p| &p.regions)).context("creating guest RAM")?;
+    for (spec, _) in regions.slots().filter(|(_, region)| region.is_none()) {
+        let pids: Vec<i32> = previous.iter().flat_map(|p| p.frontends.iter().map(|f| f.pid)).collect();
+        log::warn!(
+            "region {} is taken back from its frontend (pids {pids:?}) when it reconnects: gmemd restarted while \
+             that QEMU kept the guest's RAM",
+            spec.id
+        );
+    }
+    if let Some(previous) = &previous {
+        state.carry_over(previous);
+    }
     let device_options = DeviceOptions {
         disk: args.disk.clone(),
         readonly: args.readonly,
@@ -61,8 +82,10 @@ fn main() -> Result<()> {
     // Signals are taken by one thread with sigwait, so no handler runs in
     // the middle of another thread's work; block them before any thread starts.
     let signals = gmemd::sys::block_termination_signals().context("blocking SIGTERM/SIGINT/SIGHUP")?;
-    let daemon =
-        Arc::new(Daemon::new(regions, device, options).context("creating the quit event and the event thread")?);
+    let daemon = Arc::new(
+        Daemon::new(regions, device, options, Some(state)).context("creating the quit event and the event thread")?,
+    );
+    daemon.record_state();
     let vhost_access = SocketAccess { mode: args.socket_mode, group: args.socket_group };
     let (vhost_file, vhost_listener) = SocketFile::bind(&args.socket, vhost_access)?;
     let control = match &args.control {

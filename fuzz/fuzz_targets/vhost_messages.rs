@@ -75,7 +75,7 @@ fn world() -> &'static World {
             queue_claim_patience: Duration::ZERO,
             skip_dirty_log_marks: false,
         };
-        let daemon = Arc::new(Daemon::new(regions, device, options).expect("daemon"));
+        let daemon = Arc::new(Daemon::new(regions, device, options, None).expect("daemon"));
         let mut palette = vec![OwnedFd::from(own)];
         for size in [0, 4096, 1 << 20, 16 << 20] {
             palette.push(memfd(size, libc::MFD_ALLOW_SEALING, 0));

@@ -152,6 +152,11 @@ pub struct RegionInfo {
     pub populated_bytes: u64,
     /// Frontends whose memory table maps this region now.
     pub mapped_by: u32,
+    /// gmemd restarted after a crash and waits for the frontend that still
+    /// maps this region to send it back (its fd then proves it is the
+    /// region); until then it has no `fd_path`.
+    #[serde(default)]
+    pub awaiting_adoption: bool,
 }
 
 /// `query-device` result.

@@ -37,6 +37,7 @@ fn owned_region(id: &str, size: u64) -> (File, RegionInfo) {
         backing: "memfd".into(),
         populated_bytes: 0,
         mapped_by: 0,
+        awaiting_adoption: false,
     };
     (file, region)
 }

@@ -1,11 +1,12 @@
 //! `Gmemd`: the real gmemd binary, started for one test in a directory of its own.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use gmem_protocol::ControlClient;
 
 use crate::guest::repo_root;
@@ -81,6 +82,8 @@ impl Default for GmemdOptions {
 #[derive(Debug)]
 pub struct Gmemd {
     child: Child,
+    /// The command line it was started with, for [`Gmemd::restart`].
+    argv: Vec<OsString>,
     /// The test's scratch directory (sockets, disk, logs).
     pub dir: tempfile::TempDir,
     /// Control socket.
@@ -107,9 +110,8 @@ impl Gmemd {
             }
         };
         let (control, socket) = (dir.path().join("control.sock"), dir.path().join("vhost.sock"));
-        let log = std::fs::File::create(dir.path().join("gmemd.log"))?;
         // Each wrapper execs the next, so the child's pid ends up gmemd's.
-        let mut argv: Vec<std::ffi::OsString> = Vec::new();
+        let mut argv: Vec<OsString> = Vec::new();
         if let Some(netns) = &options.netns {
             argv.extend(["ip", "netns", "exec", netns.as_str()].map(Into::into));
         }
@@ -127,38 +129,57 @@ impl Gmemd {
             Some(binary) => argv.push(binary.into()),
             None => argv.push(binaries()?.join("gmemd").into()),
         }
-        let mut command = Command::new(&argv[0]);
-        command.args(&argv[1..]);
-        let child = command
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--control")
-            .arg(&control)
-            .arg("--disk")
-            .arg(&disk)
-            .arg("--memory")
-            .arg(&options.memory)
-            .arg("--queues")
-            .arg(options.queues.to_string())
-            .args(&options.extra)
+        argv.extend(["--socket".into(), socket.clone().into(), "--control".into(), control.clone().into()]);
+        argv.extend(["--disk".into(), disk.clone().into(), "--memory".into(), options.memory.clone().into()]);
+        argv.extend(["--queues".into(), options.queues.to_string().into()]);
+        argv.extend(options.extra.iter().map(Into::into));
+        let child = Self::spawn(&argv, dir.path())?;
+        let mut gmemd = Gmemd { child, argv, dir, control, socket, disk };
+        gmemd.wait_ready()?;
+        Ok(gmemd)
+    }
+
+    /// Starts `argv`, logging (appending) to `gmemd.log` in `dir`.
+    fn spawn(argv: &[OsString], dir: &Path) -> Result<Child> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("gmemd.log"))?;
+        Command::new(&argv[0])
+            .args(&argv[1..])
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .context("starting gmemd")?;
-        let mut gmemd = Gmemd { child, dir, control, socket, disk };
+            .context("starting gmemd")
+    }
+
+    /// Waits until the control socket answers.
+    fn wait_ready(&mut self) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while gmemd.client().is_err() {
-            if let Some(status) = gmemd.child.try_wait()? {
-                bail!("gmemd exited during start-up ({status}); log:\n{}", gmemd.log());
+        while self.client().is_err() {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("gmemd exited during start-up ({status}); log:\n{}", self.log());
             }
             if Instant::now() > deadline {
-                bail!("gmemd's control socket did not answer within 20 s; log:\n{}", gmemd.log());
+                bail!("gmemd's control socket did not answer within 20 s; log:\n{}", self.log());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(gmemd)
+        Ok(())
+    }
+
+    /// Kills gmemd with SIGKILL, as a crash would end it: no clean-up runs.
+    pub fn crash(&mut self) -> Result<()> {
+        self.child.kill().context("killing gmemd")?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// Starts gmemd again with the same command line (after [`Gmemd::crash`]
+    /// or an exit), and waits until it answers.
+    pub fn restart(&mut self) -> Result<()> {
+        ensure!(!self.alive(), "gmemd {} still runs", self.pid());
+        self.child = Self::spawn(&self.argv, self.dir.path())?;
+        self.wait_ready()
     }
 
     /// A new control connection.

@@ -38,14 +38,15 @@ fn status(daemon: &Daemon) -> StatusInfo {
 fn regions(daemon: &Daemon) -> Vec<RegionInfo> {
     daemon
         .regions
-        .iter()
-        .map(|region| RegionInfo {
-            id: region.id().to_string(),
-            size: region.size(),
-            fd_path: region.fd_path().display().to_string(),
-            backing: region.backing().to_string(),
-            populated_bytes: region.populated_bytes(),
-            mapped_by: daemon.frontends_mapping(region.id()),
+        .slots()
+        .map(|(spec, region)| RegionInfo {
+            id: spec.id.clone(),
+            size: spec.size,
+            fd_path: region.map(|r| r.fd_path().display().to_string()).unwrap_or_default(),
+            backing: spec.backing.to_string(),
+            populated_bytes: region.map_or(0, |r| r.populated_bytes()),
+            mapped_by: daemon.frontends_mapping(&spec.id),
+            awaiting_adoption: region.is_none(),
         })
         .collect()
 }

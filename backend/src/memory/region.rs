@@ -4,6 +4,15 @@
 //! mapping here is the one the device data path reads and writes. Because the
 //! file is sealed against shrink and grow, no frontend can truncate it under
 //! the daemon: a truncation would turn the daemon's own accesses into SIGBUS.
+//!
+//! A region can also be taken back — adopted — from an fd that names it: by
+//! a new gmemd image after an exec upgrade (the fd was inherited), or by a
+//! gmemd restarted after a crash (the fd comes in a frontend's memory table).
+//! What makes the fd this region's is its [`RegionRecord`]: the memfd's
+//! (device, inode), size, seals, and its name, which carries a random token
+//! drawn when the region was made. An inode is unique among files that
+//! exist, and the token tells this region from an unrelated memfd that got
+//! a recycled inode number after the region itself was gone.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -11,11 +20,12 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use vm_memory::mmap::MmapRegion;
 use vm_memory::FileOffset;
 
 /// What a region's pages live in.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Backing {
     /// An anonymous memfd: freed when the daemon exits.
     Memfd,
@@ -36,7 +46,7 @@ impl std::fmt::Display for Backing {
 }
 
 /// How to create one region (`--memory`, `--region size=..,id=..[,hugetlb][,path=..]`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegionSpec {
     /// Name shown on the control socket and used as QEMU's memory-backend id.
     pub id: String,
@@ -75,10 +85,24 @@ pub enum RegionError {
     /// A size that cannot be mapped.
     #[error("region {id}: size {size} is not a non-zero multiple of {page} bytes")]
     BadSize { id: String, size: u64, page: u64 },
+    /// An fd offered as the region is not it.
+    #[error("region {id}: the fd offered for it is not the region gmemd made ({why}); not adopted")]
+    NotOurs { id: String, why: String },
+}
+
+/// What identifies a region gmemd made, to take it back later from an fd.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionRecord {
+    /// How it was made.
+    pub spec: RegionSpec,
+    /// Its file's (device, inode).
+    pub identity: FileIdentity,
+    /// The memfd's name, token included (empty for a `path=` file).
+    pub name: String,
 }
 
 /// (device, inode) of an open file: how a frontend's fd is recognised as ours.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct FileIdentity {
     dev: u64,
     ino: u64,
@@ -98,6 +122,8 @@ impl FileIdentity {
 pub struct GuestRegion {
     spec: RegionSpec,
     identity: FileIdentity,
+    /// The memfd's name, with its token; empty for a `path=` file.
+    name: String,
     /// The region file's fd number, for `/proc/<pid>/fd/<n>`.
     fd: std::os::fd::RawFd,
     /// The mapping also holds the region's one open file (its `FileOffset`),
@@ -124,9 +150,15 @@ impl GuestRegion {
         if spec.size == 0 || !spec.size.is_multiple_of(page) {
             return Err(RegionError::BadSize { id, size: spec.size, page });
         }
+        let name = match spec.backing {
+            Backing::File(_) => String::new(),
+            _ => {
+                format!("gmemd-{id}-{:016x}", token().map_err(|source| RegionError::Create { id: id.clone(), source })?)
+            }
+        };
         let file = match &spec.backing {
-            Backing::Memfd => create_memfd(&id, 0)?,
-            Backing::MemfdHugetlb => create_memfd(&id, libc::MFD_HUGETLB)?,
+            Backing::Memfd => create_memfd(&id, &name, 0)?,
+            Backing::MemfdHugetlb => create_memfd(&id, &name, libc::MFD_HUGETLB)?,
             Backing::File(path) => open_backing_file(&id, path)?,
         };
         let current = file.metadata().map_err(|source| RegionError::Stat { id: id.clone(), source })?;
@@ -143,10 +175,47 @@ impl GuestRegion {
         if !matches!(spec.backing, Backing::File(_)) {
             seal_size(&file).map_err(|source| RegionError::Seal { id: id.clone(), source })?;
         }
+        Self::map(spec, name, file)
+    }
+
+    /// Takes back the region `record` describes from `file`, after checking
+    /// that `file` is that region: same (device, inode), size and seals,
+    /// and, for a memfd, the same name with its token. Nothing is adopted
+    /// on the word of whoever sent the fd.
+    pub fn adopt(record: &RegionRecord, file: File) -> Result<Self, RegionError> {
+        let id = record.spec.id.clone();
+        let not_ours = |why: String| RegionError::NotOurs { id: id.clone(), why };
+        let identity = FileIdentity::of(&file).map_err(|source| RegionError::Stat { id: id.clone(), source })?;
+        if identity != record.identity {
+            return Err(not_ours("another file".into()));
+        }
+        let len = file.metadata().map_err(|source| RegionError::Stat { id: id.clone(), source })?.len();
+        if len != record.spec.size {
+            return Err(not_ours(format!("{len} bytes, not {}", record.spec.size)));
+        }
+        if !matches!(record.spec.backing, Backing::File(_)) {
+            let seals = crate::sys::seals(&file).map_err(|e| not_ours(format!("no seals: {e}")))?;
+            let wanted = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+            if seals & wanted != wanted {
+                return Err(not_ours(format!("seals {seals:#x}, not {wanted:#x}")));
+            }
+            let target = crate::sys::fd_target(&file).map_err(|e| not_ours(e.to_string()))?;
+            if memfd_name(&target) != Some(record.name.as_str()) {
+                return Err(not_ours(format!("named {}", target.display())));
+            }
+        }
+        Self::map(record.spec.clone(), record.name.clone(), file)
+    }
+
+    fn map(spec: RegionSpec, name: String, file: File) -> Result<Self, RegionError> {
+        let id = spec.id.clone();
         let identity = FileIdentity::of(&file).map_err(|source| RegionError::Stat { id: id.clone(), source })?;
         let fd = file.as_raw_fd();
-        let size =
-            usize::try_from(spec.size).map_err(|_| RegionError::BadSize { id: id.clone(), size: spec.size, page })?;
+        let size = usize::try_from(spec.size).map_err(|_| RegionError::BadSize {
+            id: id.clone(),
+            size: spec.size,
+            page: PAGE_SIZE,
+        })?;
         let mapping = MmapRegion::from_file(FileOffset::new(file, 0), size).map_err(|source| RegionError::Map {
             id,
             size: spec.size,
@@ -164,7 +233,25 @@ impl GuestRegion {
             }
             Backing::Memfd | Backing::MemfdHugetlb => None,
         };
-        Ok(GuestRegion { spec, identity, fd, mapping: Arc::new(mapping), hugepage_advised, _truncation: truncation })
+        Ok(GuestRegion {
+            spec,
+            identity,
+            name,
+            fd,
+            mapping: Arc::new(mapping),
+            hugepage_advised,
+            _truncation: truncation,
+        })
+    }
+
+    /// What identifies the region, to adopt it again later.
+    pub fn record(&self) -> RegionRecord {
+        RegionRecord { spec: self.spec.clone(), identity: self.identity, name: self.name.clone() }
+    }
+
+    /// The region file's fd, which gmemd keeps open for the region's life.
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd
     }
 
     /// The region's id.
@@ -237,9 +324,26 @@ fn advise_hugepages(mapping: &MmapRegion) -> bool {
     unsafe { libc::madvise(mapping.as_ptr().cast(), mapping.size(), libc::MADV_HUGEPAGE) == 0 }
 }
 
-fn create_memfd(id: &str, extra_flags: libc::c_uint) -> Result<File, RegionError> {
-    crate::sys::memfd(&format!("gmemd-{id}"), libc::MFD_ALLOW_SEALING | extra_flags)
+fn create_memfd(id: &str, name: &str, extra_flags: libc::c_uint) -> Result<File, RegionError> {
+    crate::sys::memfd(name, libc::MFD_ALLOW_SEALING | extra_flags)
         .map_err(|source| RegionError::Create { id: id.to_string(), source })
+}
+
+/// A random 64-bit token, for a memfd's name.
+fn token() -> io::Result<u64> {
+    let mut bytes = [0u8; 8];
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into `bytes`.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n != bytes.len() as isize {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u64::from_ne_bytes(bytes))
+}
+
+/// The name of the memfd `/proc/self/fd/<n>` links to, as in
+/// `/memfd:gmemd-ram0-0123456789abcdef (deleted)`.
+fn memfd_name(target: &Path) -> Option<&str> {
+    target.to_str()?.strip_prefix("/memfd:")?.strip_suffix(" (deleted)")
 }
 
 fn open_backing_file(id: &str, path: &Path) -> Result<File, RegionError> {
@@ -294,6 +398,31 @@ mod tests {
         std::os::unix::fs::FileExt::read_exact_at(&reopened, &mut buf, 4096).expect("read");
         assert_eq!(buf, [1, 2, 3, 4]);
         assert!(region.populated_bytes() >= 4096);
+    }
+
+    #[test]
+    fn a_region_is_adopted_from_its_own_fd_only() {
+        let region = GuestRegion::create(spec("ram0", 1 << 20)).expect("create");
+        region.mapping().get_slice(0, 1).expect("slice").copy_from(&[0x5au8]);
+        let record = region.record();
+        assert!(
+            record.name.starts_with("gmemd-ram0-") && record.name.len() == "gmemd-ram0-".len() + 16,
+            "{}",
+            record.name
+        );
+        let open = |path: PathBuf| OpenOptions::new().read(true).write(true).open(path).expect("open");
+        let adopted = GuestRegion::adopt(&record, open(region.fd_path())).expect("its own fd");
+        let mut byte = [0u8];
+        adopted.mapping().get_slice(0, 1).expect("slice").copy_to(&mut byte[..]);
+        assert_eq!(byte, [0x5a], "the same memory");
+        // An unrelated memfd of the same name and size is not adopted.
+        let other = crate::sys::memfd(&record.name, libc::MFD_ALLOW_SEALING).expect("memfd");
+        other.set_len(1 << 20).expect("size");
+        seal_size(&other).expect("seal");
+        assert!(matches!(GuestRegion::adopt(&record, other), Err(RegionError::NotOurs { .. })));
+        // Nor the region's inode under another name (a forged record).
+        let forged = RegionRecord { name: "gmemd-ram0-0000000000000000".into(), ..record };
+        assert!(matches!(GuestRegion::adopt(&forged, open(region.fd_path())), Err(RegionError::NotOurs { .. })));
     }
 
     #[test]

@@ -53,6 +53,9 @@ pub enum TableError {
     /// Foreign memory that is too short.
     #[error("foreign memory at GPA {gpa:#x}: {source}")]
     ForeignFile { gpa: u64, source: crate::sys::SharedFileError },
+    /// A region waiting to be adopted was offered an fd that is not it.
+    #[error("the range at GPA {gpa:#x}: {source}")]
+    Adopt { gpa: u64, source: super::RegionError },
     /// Too many mappings that could shrink are guarded already.
     #[error("foreign memory at GPA {gpa:#x} cannot be sealed against shrinking, and gmemd guards as many such mappings as it can; send memfds created with MFD_ALLOW_SEALING")]
     TooManyUnsealed { gpa: u64 },
@@ -209,7 +212,11 @@ impl MemoryTable {
         self.check_free(&desc)?;
         let len = usize::try_from(size).map_err(|_| TableError::InvalidRange { gpa, size })?;
         let identity = FileIdentity::of(&file).map_err(|source| TableError::Identify { gpa, source })?;
-        let view = match regions.find(identity) {
+        let own = match regions.find(identity) {
+            Some(region) => Some(region),
+            None => regions.adopt(identity, &file).map_err(|source| TableError::Adopt { gpa, source })?,
+        };
+        let view = match own {
             Some(region) => own_view(region, desc)?,
             None if allow_foreign => {
                 // The frontend keeps its fd and could truncate the file:

@@ -60,6 +60,8 @@ pub struct Gmemd {
     pub socket: PathBuf,
     pub control: PathBuf,
     pub disk: PathBuf,
+    launch: Launch,
+    args: Vec<String>,
 }
 
 impl Gmemd {
@@ -89,21 +91,32 @@ impl Gmemd {
     /// Starts gmemd without waiting for it; the test decides what to wait for.
     pub fn spawn(launch: &Launch, extra: &[&str]) -> Self {
         use std::os::unix::fs::PermissionsExt;
-        use std::os::unix::process::CommandExt;
-        let uid = launch.uid;
         let dir = tempfile::tempdir().expect("tempdir");
-        if uid.is_some() {
+        if launch.uid.is_some() {
             std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).expect("chmod the test dir");
         }
         let (socket, control, disk) =
             (dir.path().join("vhost.sock"), dir.path().join("control.sock"), dir.path().join("disk.raw"));
         File::create(&disk).and_then(|f| f.set_len(DISK_SIZE)).expect("create the disk");
-        if uid.is_some() {
+        if launch.uid.is_some() {
             std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(0o666)).expect("chmod the disk");
         }
-        let log = File::create(dir.path().join("gmemd.log")).expect("log file");
+        let mut args: Vec<String> = Vec::new();
+        for (flag, path) in [("--socket", &socket), ("--control", &control), ("--disk", &disk)] {
+            args.extend([flag.to_string(), path.display().to_string()]);
+        }
+        args.extend(["--memory", "64M", "--serial", SERIAL].map(String::from));
+        args.extend(extra.iter().map(|arg| arg.to_string()));
+        let child = Self::command(launch, &args, dir.path());
+        Gmemd { child, dir, socket, control, disk, launch: launch.clone(), args }
+    }
+
+    /// Runs the gmemd binary with `args`, appending its log to `dir`'s.
+    fn command(launch: &Launch, args: &[String], dir: &std::path::Path) -> Child {
+        use std::os::unix::process::CommandExt;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("gmemd.log")).expect("log file");
         let mut command = Command::new(env!("CARGO_BIN_EXE_gmemd"));
-        if let Some(uid) = uid {
+        if let Some(uid) = launch.uid {
             command.uid(uid).gid(uid);
         }
         if let Some(nofile) = launch.nofile {
@@ -119,22 +132,30 @@ impl Gmemd {
                 });
             }
         }
-        let child = command
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--control")
-            .arg(&control)
-            .arg("--disk")
-            .arg(&disk)
-            .args(["--memory", "64M", "--serial", SERIAL])
-            .args(extra)
+        command
+            .args(args)
             .env("RUST_LOG", launch.log_level)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .expect("spawn gmemd");
-        Gmemd { child, dir, socket, control, disk }
+            .expect("spawn gmemd")
+    }
+
+    /// Kills gmemd with SIGKILL, as a crash would end it.
+    pub fn crash(&mut self) {
+        self.child.kill().expect("SIGKILL gmemd");
+        self.child.wait().expect("reap gmemd");
+    }
+
+    /// Starts gmemd again with the same arguments and waits until it answers.
+    pub fn restart(&mut self) {
+        assert!(!self.alive(), "gmemd still runs");
+        self.child = Self::command(&self.launch, &self.args, self.dir.path());
+        wait_until("the restarted gmemd answers on its control socket", || {
+            assert!(self.alive(), "gmemd exited during start-up:\n{}", self.log());
+            ControlClient::connect(&self.control).is_ok()
+        });
     }
 
     /// The scratch directory the daemon's files are in.

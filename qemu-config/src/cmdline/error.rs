@@ -26,6 +26,13 @@ pub enum CmdlineError {
         /// The repeated id.
         id: String,
     },
+    /// gmemd restarted and waits for the QEMU that maps this region to
+    /// bring it back; a new QEMU cannot map it meanwhile.
+    #[error("region {id} waits to be adopted back from the QEMU that still maps it (gmemd restarted); a new QEMU cannot map it until then")]
+    AwaitingAdoption {
+        /// The offending region.
+        id: String,
+    },
     /// A region without a path cannot be mapped.
     #[error("region {id} has an empty fd path")]
     EmptyFdPath {

@@ -52,6 +52,9 @@ pub(super) fn validate_regions(regions: &[RegionInfo]) -> Result<(), CmdlineErro
         if region.size == 0 {
             return Err(CmdlineError::ZeroSize { id: id() });
         }
+        if region.awaiting_adoption {
+            return Err(CmdlineError::AwaitingAdoption { id: id() });
+        }
         if region.fd_path.is_empty() {
             return Err(CmdlineError::EmptyFdPath { id: id() });
         }

@@ -8,6 +8,7 @@ fn region(id: &str, size: u64, fd: u32) -> RegionInfo {
         backing: "memfd".into(),
         populated_bytes: 0,
         mapped_by: 0,
+        awaiting_adoption: false,
     }
 }
 
