@@ -14,7 +14,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use gmem_protocol::{EventKind, FrontendInfo};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::blk::BlkDevice;
 use crate::events::EventBus;
@@ -146,7 +146,7 @@ pub enum QuiesceError {
 
 impl Quiesce {
     fn new() -> std::io::Result<Self> {
-        Ok(Quiesce { state: Mutex::default(), changed: Condvar::new(), event: EventFd::new(EFD_NONBLOCK)? })
+        Ok(Quiesce { state: Mutex::default(), changed: Condvar::new(), event: crate::sys::eventfd()? })
     }
 
     fn lock(&self) -> MutexGuard<'_, QuiesceState> {
@@ -314,7 +314,7 @@ impl Daemon {
             next_frontend: AtomicU64::new(1),
             frontends: Mutex::default(),
             quitting: AtomicBool::new(false),
-            quit_event: EventFd::new(EFD_NONBLOCK)?,
+            quit_event: crate::sys::eventfd()?,
             state_file: Mutex::new(state_file),
         })
     }

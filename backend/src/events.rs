@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use gmem_protocol::{Event, EventKind, Reply, Timestamp};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 /// Bytes a client may leave unread before it is disconnected: a few
 /// thousand events, far more than a client that reads ever lags.
@@ -161,7 +161,7 @@ impl EventBus {
     /// A bus with its delivery thread running.
     pub fn new() -> io::Result<Self> {
         let peers = Peers::default();
-        let wake = EventFd::new(EFD_NONBLOCK)?;
+        let wake = crate::sys::eventfd()?;
         let closing = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let delivery = {
             let (peers, wake, closing) = (Arc::clone(&peers), wake.try_clone()?, Arc::clone(&closing));

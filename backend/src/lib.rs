@@ -8,13 +8,15 @@
 //! helpers); `migration` (dirty log, userfaultfd, figures); `memory`
 //! (regions, tables, the checked data path); `blk` (the device); `record`
 //! (serialisable connection state); `events` and `daemon` (what every
-//! thread shares); `listener`, `vhost` and `control` (the two sockets).
+//! thread shares); `listener`, `vhost` and `control` (the two sockets);
+//! `handover` (exec upgrade, above them all).
 
 pub mod blk;
 pub mod cli;
 pub mod control;
 pub mod daemon;
 pub mod events;
+pub mod handover;
 pub mod listener;
 pub mod logging;
 pub mod memory;

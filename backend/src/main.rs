@@ -1,5 +1,7 @@
 //! The `gmemd` daemon.
 
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +12,7 @@ use clap::Parser;
 use gmemd::blk::{BlkDevice, DeviceOptions};
 use gmemd::cli::Args;
 use gmemd::daemon::{Daemon, DaemonOptions};
+use gmemd::handover::{RunningImage, Takeover, TakeoverError, Upgrader};
 use gmemd::memory::RegionSet;
 use gmemd::peers::PeerPolicy;
 use gmemd::state_file::{PreviousLife, StateFile};
@@ -22,7 +25,7 @@ use gmemd::{control, vhost};
 struct SocketFile(PathBuf);
 
 impl SocketFile {
-    fn bind(path: &Path, access: SocketAccess) -> Result<(Self, std::os::unix::net::UnixListener)> {
+    fn bind(path: &Path, access: SocketAccess) -> Result<(Self, UnixListener)> {
         let listener = gmemd::sys::bind_socket(path, access).with_context(|| format!("binding {}", path.display()))?;
         Ok((SocketFile(path.to_path_buf()), listener))
     }
@@ -34,38 +37,34 @@ impl Drop for SocketFile {
     }
 }
 
+/// What serving starts from: new, or a previous program's handover.
+struct Started {
+    daemon: Arc<Daemon>,
+    vhost: (SocketFile, UnixListener),
+    control: Option<(SocketFile, UnixListener)>,
+    /// Connections a previous program handed over, to start once serving.
+    takeover: Option<(Takeover, Vec<gmemd::handover::Carried>)>,
+}
+
 fn main() -> Result<()> {
     gmemd::logging::RateLimitedLogger::install().context("installing the logger")?;
-    let args = Args::parse();
-    let specs = args.region_specs()?;
-    let mut state = StateFile::new(args.state_path());
-    let previous = match state.load() {
-        Ok(previous) => previous.filter(PreviousLife::ram_may_live),
-        Err(error) => {
-            log::warn!("{error}; starting with new guest RAM");
-            None
-        }
-    };
-    let regions =
-        RegionSet::resume(specs, previous.as_ref().map_or(&[], |p| &p.regions)).context("creating guest RAM")?;
-    for (spec, _) in regions.slots().filter(|(_, region)| region.is_none()) {
-        let pids: Vec<i32> = previous.iter().flat_map(|p| p.frontends.iter().map(|f| f.pid)).collect();
-        log::warn!(
-            "region {} is taken back from its frontend (pids {pids:?}) when it reconnects: gmemd restarted while \
-             that QEMU kept the guest's RAM",
-            spec.id
-        );
+    match Takeover::from_env() {
+        None => serve(Args::parse(), None),
+        Some(Err(error)) => bail!("started by an upgrade, but its handover is unusable: {error}"),
+        Some(Ok(takeover)) => match Args::try_parse() {
+            Ok(args) => serve(args, Some(takeover)),
+            Err(error) => takeover.refuse(&TakeoverError::CommandLine(error.to_string())),
+        },
     }
-    if let Some(previous) = &previous {
-        state.carry_over(previous);
-    }
+}
+
+fn serve(args: Args, takeover: Option<Takeover>) -> Result<()> {
     let device_options = DeviceOptions {
         disk: args.disk.clone(),
         readonly: args.readonly,
         queues: args.queues,
         serial: args.serial.clone(),
     };
-    let device = BlkDevice::new(&device_options).context("opening the disk")?;
     let options = DaemonOptions {
         vhost_socket: args.socket.clone(),
         allow_foreign_memory: args.allow_foreign_memory,
@@ -78,25 +77,26 @@ fn main() -> Result<()> {
     if options.skip_dirty_log_marks {
         log::warn!("--test-skip-dirty-log: precopy migrations will lose the device's writes");
     }
-
     // Signals are taken by one thread with sigwait, so no handler runs in
     // the middle of another thread's work; block them before any thread starts.
     let signals = gmemd::sys::block_termination_signals().context("blocking SIGTERM/SIGINT/SIGHUP")?;
-    let daemon = Arc::new(
-        Daemon::new(regions, device, options, Some(state)).context("creating the quit event and the event thread")?,
-    );
-    daemon.record_state();
-    let vhost_access = SocketAccess { mode: args.socket_mode, group: args.socket_group };
-    let (vhost_file, vhost_listener) = SocketFile::bind(&args.socket, vhost_access)?;
-    let control = match &args.control {
-        Some(path) => Some(SocketFile::bind(path, SocketAccess::default())?),
-        None => None,
+    let started = match takeover {
+        None => start_fresh(&args, &device_options, options)?,
+        Some(takeover) => match take_over(&args, &device_options, options, &takeover) {
+            Ok(started) => Started { takeover: Some((takeover, started.1)), ..started.0 },
+            Err(error) => takeover.refuse(&error),
+        },
     };
+    let Started { daemon, vhost: (vhost_file, vhost_listener), control, takeover } = started;
+    let image = RunningImage::current(vhost_listener.as_raw_fd(), control.as_ref().map(|(_, l)| l.as_raw_fd()))
+        .context("finding this program for later upgrades")?;
+    let upgrader = Arc::new(Upgrader::new(Arc::clone(&daemon), image));
     let control_thread = match control {
         Some((file, listener)) => {
             let daemon = Arc::clone(&daemon);
-            let thread =
-                std::thread::Builder::new().name("control".into()).spawn(move || control::serve(daemon, listener))?;
+            let thread = std::thread::Builder::new()
+                .name("control".into())
+                .spawn(move || control::serve(daemon, listener, upgrader))?;
             Some((file, thread))
         }
         None => None,
@@ -114,8 +114,13 @@ fn main() -> Result<()> {
             }
         })?;
     }
+    let mut threads = ConnectionThreads::default();
+    if let Some((takeover, carried)) = takeover {
+        takeover.finish(&daemon, carried, &mut threads);
+    }
+    daemon.record_state();
     log::info!("serving {} on {}", args.disk.display(), args.socket.display());
-    vhost::serve(Arc::clone(&daemon), vhost_listener, ConnectionThreads::default()).context("serving vhost-user")?;
+    vhost::serve(Arc::clone(&daemon), vhost_listener, threads).context("serving vhost-user")?;
     if let Some((file, thread)) = control_thread {
         match thread.join() {
             Ok(result) => result.context("serving the control socket")?,
@@ -126,4 +131,67 @@ fn main() -> Result<()> {
     drop(vhost_file);
     daemon.events.close();
     Ok(())
+}
+
+/// A new daemon: regions made (or left waiting for the frontend of a
+/// previous, crashed gmemd to bring them back), disk opened, sockets bound.
+fn start_fresh(args: &Args, device_options: &DeviceOptions, options: DaemonOptions) -> Result<Started> {
+    let specs = args.region_specs()?;
+    let mut state = StateFile::new(args.state_path());
+    let previous = match state.load() {
+        Ok(previous) => previous.filter(PreviousLife::ram_may_live),
+        Err(error) => {
+            log::warn!("{error}; starting with new guest RAM");
+            None
+        }
+    };
+    let regions =
+        RegionSet::resume(specs, previous.as_ref().map_or(&[], |p| &p.regions)).context("creating guest RAM")?;
+    if let Some(previous) = &previous {
+        state.carry_over(previous);
+        for (spec, _) in regions.slots().filter(|(_, region)| region.is_none()) {
+            let pids: Vec<i32> = previous.frontends.iter().map(|f| f.pid).collect();
+            log::warn!(
+                "region {} is taken back from its frontend (pids {pids:?}) when it reconnects: gmemd restarted \
+                 while that QEMU kept the guest's RAM",
+                spec.id
+            );
+        }
+    }
+    let device = BlkDevice::new(device_options).context("opening the disk")?;
+    let daemon = Arc::new(
+        Daemon::new(regions, device, options, Some(state)).context("creating the quit event and the event thread")?,
+    );
+    let vhost_access = SocketAccess { mode: args.socket_mode, group: args.socket_group };
+    let vhost = SocketFile::bind(&args.socket, vhost_access)?;
+    let control = args.control.as_ref().map(|path| SocketFile::bind(path, SocketAccess::default())).transpose()?;
+    Ok(Started { daemon, vhost, control, takeover: None })
+}
+
+/// The daemon a previous program handed over, built from duplicates of its
+/// fds; on error nothing of the handover is consumed.
+fn take_over(
+    args: &Args,
+    device_options: &DeviceOptions,
+    options: DaemonOptions,
+    takeover: &Takeover,
+) -> Result<(Started, Vec<gmemd::handover::Carried>), TakeoverError> {
+    let regions = takeover.regions()?;
+    let device = BlkDevice::with_disk(takeover.disk(&args.disk, args.readonly)?, device_options);
+    let mut state = StateFile::new(args.state_path());
+    // Same process, same pid: the file names this very gmemd, and the
+    // frontends that hold its RAM.
+    if let Ok(Some(previous)) = state.load() {
+        state.carry_over(&previous);
+    }
+    let daemon = Arc::new(Daemon::new(regions, device, options, Some(state)).map_err(TakeoverError::Daemon)?);
+    let (vhost, control) = takeover.listeners()?;
+    let carried = takeover.connections(&daemon)?;
+    let started = Started {
+        daemon,
+        vhost: (SocketFile(args.socket.clone()), vhost),
+        control: args.control.clone().zip(control).map(|(path, listener)| (SocketFile(path), listener)),
+        takeover: None,
+    };
+    Ok((started, carried))
 }

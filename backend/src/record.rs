@@ -127,6 +127,30 @@ pub struct ConnectionRecord {
 }
 
 impl ConnectionRecord {
+    /// The same record with each place that names an fd renamed by `map`,
+    /// called once per place, the socket first.
+    pub fn map_fds(&self, mut map: impl FnMut(RawFd) -> std::io::Result<RawFd>) -> std::io::Result<Self> {
+        let mut record = self.clone();
+        record.socket = map(record.socket)?;
+        for entry in &mut record.table {
+            if let TableEntryRecord::Foreign { fd, .. } = entry {
+                *fd = map(*fd)?;
+            }
+        }
+        for vring in &mut record.vrings {
+            for fd in [&mut vring.kick, &mut vring.call, &mut vring.err].into_iter().flatten() {
+                *fd = map(*fd)?;
+            }
+        }
+        if let Some(inflight) = &mut record.inflight {
+            inflight.fd = map(inflight.fd)?;
+        }
+        if let Some(log) = &mut record.dirty_log {
+            log.fd = map(log.fd)?;
+        }
+        Ok(record)
+    }
+
     /// Every fd the record names, each once.
     pub fn fds(&self) -> Vec<RawFd> {
         let mut fds = vec![self.socket];

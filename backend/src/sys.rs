@@ -10,6 +10,12 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
+/// A non-blocking eventfd of gmemd's own (a wake-up or quit signal),
+/// closed on exec: a new gmemd image makes its own.
+pub fn eventfd() -> io::Result<EventFd> {
+    EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+}
+
 /// The credentials the kernel recorded for the peer of a unix socket.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerCredentials {
@@ -132,6 +138,57 @@ pub fn set_cloexec(fd: RawFd, cloexec: bool) -> io::Result<()> {
         if libc::fcntl(fd, libc::F_SETFD, flags) < 0 {
             return Err(io::Error::last_os_error());
         }
+    }
+    Ok(())
+}
+
+/// A close-on-exec duplicate of `fd`.
+pub fn duplicate(fd: RawFd) -> io::Result<std::os::fd::OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC on an fd number; an invalid one fails with
+    // EBADF, and a new fd is owned by nothing else.
+    unsafe {
+        let new = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0);
+        if new < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(std::os::fd::OwnedFd::from_raw_fd(new))
+    }
+}
+
+/// Opens `path` with O_PATH (close-on-exec): enough to exec the file
+/// through, and allowed on a file that may be executed but not read.
+pub fn open_path(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new().read(true).custom_flags(libc::O_PATH).open(path)
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the same clock before and after an exec.
+pub fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec into `now`.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    u64::try_from(now.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(now.tv_nsec).unwrap_or(0)
+}
+
+/// Checks that `listener` is a listening socket (SO_ACCEPTCONN).
+pub fn check_listening(listener: &UnixListener) -> io::Result<()> {
+    let mut accepting: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `accepting`.
+    let rc = unsafe {
+        libc::getsockopt(
+            listener.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&mut accepting as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if accepting == 0 {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "the socket is not listening"));
     }
     Ok(())
 }

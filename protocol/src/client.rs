@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
-use crate::reply::{DeviceInfo, ErrorReply, Event, MigrationInfo, RegionInfo, Reply, StatusInfo};
-use crate::Command;
+use crate::reply::{DeviceInfo, ErrorReply, Event, MigrationInfo, RegionInfo, Reply, StatusInfo, UpgradeInfo};
+use crate::{Command, UpgradeArgs};
 
 /// Why a control request failed.
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +86,13 @@ impl ControlClient {
     /// `query-migration`.
     pub fn query_migration(&mut self) -> Result<MigrationInfo, ClientError> {
         self.execute(&Command::QueryMigration)
+    }
+
+    /// `upgrade`: gmemd execs `binary` (by default the program it was
+    /// started from), which takes over and replies; or the old program
+    /// replies why not, and goes on.
+    pub fn upgrade(&mut self, binary: Option<&str>) -> Result<UpgradeInfo, ClientError> {
+        self.execute(&Command::Upgrade(UpgradeArgs { binary: binary.map(str::to_owned) }))
     }
 
     /// `quit`: the daemon replies, then exits.

@@ -27,18 +27,32 @@ pub enum Command {
     /// `--postcopy-orphan-timeout`): requests waiting on its missing pages
     /// fail instead of waiting.
     PostcopyAbort,
+    /// Replace gmemd's program by exec, keeping the guest's RAM, the disk,
+    /// both sockets and every frontend connection (docs/live-update.md).
+    Upgrade(UpgradeArgs),
     /// Stop serving and exit; regions are unmapped and, unless file-backed, freed.
     Quit,
 }
 
+/// `upgrade`'s arguments.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpgradeArgs {
+    /// The gmemd program to exec; by default the path this gmemd was
+    /// started from (which a package upgrade replaces).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binary: Option<String>,
+}
+
 impl Command {
     /// Every command, for help texts and for tests that want to cover them all.
-    pub const ALL: [Command; 6] = [
+    pub const ALL: [Command; 7] = [
         Command::QueryStatus,
         Command::QueryRegions,
         Command::QueryDevice,
         Command::QueryMigration,
         Command::PostcopyAbort,
+        Command::Upgrade(UpgradeArgs { binary: None }),
         Command::Quit,
     ];
 
@@ -50,6 +64,7 @@ impl Command {
             Command::QueryDevice => "query-device",
             Command::QueryMigration => "query-migration",
             Command::PostcopyAbort => "postcopy-abort",
+            Command::Upgrade(_) => "upgrade",
             Command::Quit => "quit",
         }
     }
@@ -58,15 +73,26 @@ impl Command {
         let command = Command::ALL.into_iter().find(|c| c.name() == name).ok_or_else(|| {
             ErrorReply::new(ErrorClass::CommandNotFound, format!("the command {name} has not been found"))
         })?;
-        // None of today's commands takes arguments; reject any so that a
-        // typo'd option is never silently ignored.
-        NoArguments::parse(name, arguments)?;
-        Ok(command)
+        // Unknown arguments are refused, so that a typo'd option is never
+        // silently ignored.
+        Ok(match command {
+            Command::Upgrade(_) => Command::Upgrade(parse_arguments(name, arguments)?),
+            other => {
+                parse_arguments::<NoArguments>(name, arguments)?;
+                other
+            }
+        })
     }
 
     /// Serialises the command as one request line (without the newline).
     pub fn to_line(&self) -> String {
-        serde_json::json!({ "execute": self.name() }).to_string()
+        let mut line = serde_json::json!({ "execute": self.name() });
+        if let Command::Upgrade(args) = self {
+            if *args != UpgradeArgs::default() {
+                line["arguments"] = serde_json::to_value(args).unwrap_or_default();
+            }
+        }
+        line.to_string()
     }
 }
 
@@ -75,12 +101,12 @@ impl Command {
 #[serde(deny_unknown_fields)]
 struct NoArguments {}
 
-impl NoArguments {
-    fn parse(command: &str, arguments: Option<Map<String, Value>>) -> Result<Self, ErrorReply> {
-        let arguments = arguments.unwrap_or_default();
-        serde_json::from_value(Value::Object(arguments))
-            .map_err(|e| ErrorReply::new(ErrorClass::InvalidArguments, format!("{command}: invalid arguments: {e}")))
-    }
+fn parse_arguments<T: serde::de::DeserializeOwned>(
+    command: &str,
+    arguments: Option<Map<String, Value>>,
+) -> Result<T, ErrorReply> {
+    serde_json::from_value(Value::Object(arguments.unwrap_or_default()))
+        .map_err(|e| ErrorReply::new(ErrorClass::InvalidArguments, format!("{command}: invalid arguments: {e}")))
 }
 
 /// A request's `id`, kept as the exact JSON text the client sent, so the
@@ -195,6 +221,8 @@ mod tests {
             (r#"{"execute":"query-status","bogus":1}"#, ErrorClass::GenericError),
             (r#"{"execute":"frobnicate"}"#, ErrorClass::CommandNotFound),
             (r#"{"execute":"quit","arguments":{"now":true}}"#, ErrorClass::InvalidArguments),
+            (r#"{"execute":"upgrade","arguments":{"binary":5}}"#, ErrorClass::InvalidArguments),
+            (r#"{"execute":"upgrade","arguments":{"bianry":"/x"}}"#, ErrorClass::InvalidArguments),
         ];
         for (line, class) in cases {
             let (error, _) = Request::parse(line).expect_err(line);

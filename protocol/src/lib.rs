@@ -22,10 +22,10 @@ mod size;
 mod strict;
 
 pub use client::{ClientError, ControlClient};
-pub use command::{Command, Request, RequestId};
+pub use command::{Command, Request, RequestId, UpgradeArgs};
 pub use reply::{
     DeviceInfo, DeviceIoWindow, DirtyLogInfo, ErrorClass, ErrorReply, Event, EventKind, FrontendInfo, LatencySummary,
-    MigrationInfo, MigrationState, PostcopyInfo, QueueInfo, RegionInfo, Reply, StatusInfo, Timestamp,
+    MigrationInfo, MigrationState, PostcopyInfo, QueueInfo, RegionInfo, Reply, StatusInfo, Timestamp, UpgradeInfo,
 };
 pub use size::{parse_size, SizeError};
 

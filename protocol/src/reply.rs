@@ -124,6 +124,24 @@ pub struct StatusInfo {
     pub frontends: Vec<FrontendInfo>,
 }
 
+/// `upgrade` result: the new program took over.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpgradeInfo {
+    /// The version that handed over.
+    pub from_version: String,
+    /// The version now running.
+    pub to_version: String,
+    /// The program now running.
+    pub binary: String,
+    /// The daemon's pid, the same before and after.
+    pub pid: u32,
+    /// Frontend connections carried over.
+    pub frontends: u32,
+    /// How long the device was paused: from the last request the old
+    /// program ran to the rings running again in the new one.
+    pub paused_us: u64,
+}
+
 /// One connected vhost-user frontend.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FrontendInfo {

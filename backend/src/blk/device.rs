@@ -118,7 +118,11 @@ pub struct BlkDevice {
 impl BlkDevice {
     /// Opens the disk and sets up `options.queues` queues.
     pub fn new(options: &DeviceOptions) -> Result<Self, DiskError> {
-        let disk = Disk::open(&options.disk, options.readonly)?;
+        Ok(Self::with_disk(Disk::open(&options.disk, options.readonly)?, options))
+    }
+
+    /// The device on an image already open (`options.disk` only names it).
+    pub fn with_disk(disk: Disk, options: &DeviceOptions) -> Self {
         let config =
             BlkConfig { capacity_bytes: disk.capacity_bytes(), num_queues: options.queues, readonly: options.readonly };
         let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
@@ -126,7 +130,7 @@ impl BlkDevice {
         let n = serial.len().min(id.len());
         id[..n].copy_from_slice(&serial[..n]);
         let queues = (0..options.queues).map(|_| DeviceQueue::default()).collect();
-        Ok(BlkDevice { disk, config, id, queues })
+        BlkDevice { disk, config, id, queues }
     }
 
     /// Config space and feature bits.

@@ -45,7 +45,13 @@ impl Disk {
             return Err(DiskError::ReadOnlyImage { path: path.to_path_buf(), mode: mode & 0o7777 });
         }
         let file = OpenOptions::new().read(true).write(!readonly).open(path).map_err(open_error)?;
-        let len = file.metadata().map_err(open_error)?.len();
+        Self::inherit(file, path, readonly)
+    }
+
+    /// The image open as `file` (a previous gmemd image's, kept across its
+    /// exec), known by `path`.
+    pub fn inherit(file: File, path: &Path, readonly: bool) -> Result<Self, DiskError> {
+        let len = file.metadata().map_err(|source| DiskError::Open { path: path.to_path_buf(), source })?.len();
         if len < SECTOR_SIZE {
             return Err(DiskError::TooSmall { path: path.to_path_buf(), len });
         }

@@ -1,12 +1,25 @@
 //! What each control command does.
 
-use gmem_protocol::{Command, DeviceInfo, ErrorClass, ErrorReply, QueueInfo, RegionInfo, StatusInfo};
+use std::os::fd::RawFd;
+
+use gmem_protocol::{Command, DeviceInfo, ErrorClass, ErrorReply, QueueInfo, RegionInfo, RequestId, StatusInfo};
 use serde_json::Value;
 
 use crate::daemon::Daemon;
+use crate::handover::Upgrader;
+
+/// Who sent a command: the control connection's socket and the request's id.
+#[derive(Debug, Clone, Copy)]
+pub struct Sender<'a> {
+    /// The client's socket (an upgrade is answered on it by the program
+    /// that ends up running).
+    pub socket: RawFd,
+    /// The request's id.
+    pub id: Option<&'a RequestId>,
+}
 
 /// Runs `command` and returns its `return` value.
-pub fn execute(daemon: &Daemon, command: &Command) -> Result<Value, ErrorReply> {
+pub fn execute(daemon: &Daemon, upgrader: &Upgrader, command: &Command, sender: Sender) -> Result<Value, ErrorReply> {
     let value = match command {
         Command::QueryStatus => serde_json::to_value(status(daemon)),
         Command::QueryRegions => serde_json::to_value(regions(daemon)),
@@ -19,6 +32,12 @@ pub fn execute(daemon: &Daemon, command: &Command) -> Result<Value, ErrorReply> 
         Command::PostcopyAbort => {
             let dropped = daemon.abort_postcopy("the postcopy-abort command");
             Ok(serde_json::json!({ "dropped": dropped }))
+        }
+        Command::Upgrade(args) => {
+            // Returns only when the upgrade did not happen.
+            let error = upgrader.upgrade(args, sender.socket, sender.id);
+            log::warn!("upgrade refused: {error}");
+            return Err(ErrorReply::new(ErrorClass::GenericError, error.to_string()));
         }
         Command::Quit => Ok(Value::Object(Default::default())),
     };

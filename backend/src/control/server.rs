@@ -8,6 +8,7 @@
 //! disconnected rather than held in memory.
 
 use std::io::{self, BufRead, BufReader, Read};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
 
@@ -16,6 +17,7 @@ use gmem_protocol::{Command, ErrorClass, ErrorReply, Reply, Request, MAX_LINE_BY
 use super::commands;
 use crate::daemon::Daemon;
 use crate::events::ControlPeer;
+use crate::handover::Upgrader;
 use crate::peers::PeerPolicy;
 
 /// Control clients served at once; more are refused at accept.
@@ -23,7 +25,7 @@ pub const MAX_CLIENTS: usize = 64;
 
 /// Serves control clients on `listener` until the daemon quits. Only root
 /// and the daemon's own user may connect.
-pub fn serve(daemon: Arc<Daemon>, listener: UnixListener) -> io::Result<()> {
+pub fn serve(daemon: Arc<Daemon>, listener: UnixListener, upgrader: Arc<Upgrader>) -> io::Result<()> {
     crate::listener::accept_loop(&daemon, &listener, "control socket", &PeerPolicy::own_user(), |stream, peer| {
         if daemon.events.clients() >= MAX_CLIENTS {
             log::warn!("control socket: refused pid {}: {MAX_CLIENTS} clients are connected already", peer.pid);
@@ -36,8 +38,9 @@ pub fn serve(daemon: Arc<Daemon>, listener: UnixListener) -> io::Result<()> {
         let peer = Arc::new(ControlPeer::new(writer));
         daemon.events.register(Arc::clone(&peer));
         let client_daemon = Arc::clone(&daemon);
+        let upgrader = Arc::clone(&upgrader);
         let spawned = std::thread::Builder::new().name("control-client".into()).spawn(move || {
-            if let Err(error) = serve_client(&client_daemon, &peer, stream) {
+            if let Err(error) = serve_client(&client_daemon, &upgrader, &peer, stream) {
                 log::debug!("control client ended: {error}");
             }
             client_daemon.events.unregister(&peer);
@@ -48,15 +51,17 @@ pub fn serve(daemon: Arc<Daemon>, listener: UnixListener) -> io::Result<()> {
     })
 }
 
-fn serve_client(daemon: &Daemon, peer: &ControlPeer, stream: UnixStream) -> io::Result<()> {
+fn serve_client(daemon: &Daemon, upgrader: &Upgrader, peer: &ControlPeer, stream: UnixStream) -> io::Result<()> {
     stream.set_nonblocking(false)?;
+    let socket = stream.as_raw_fd();
     let mut reader = LineReader::new(stream, MAX_LINE_BYTES);
     loop {
         let reply = match reader.read_line()? {
             ReadLine::Line(line) if line.trim().is_empty() => continue,
             ReadLine::Line(line) => match Request::parse(&line) {
                 Ok(request) => {
-                    let reply = match commands::execute(daemon, &request.command) {
+                    let sender = commands::Sender { socket, id: request.id.as_ref() };
+                    let reply = match commands::execute(daemon, upgrader, &request.command, sender) {
                         Ok(value) => Reply::Return { value, id: request.id.clone() },
                         Err(error) => Reply::Error { error, id: request.id.clone() },
                     };

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::inflight::{InflightError, InflightRegion};
 use super::worker::{QueueEnd, QueueRun};
@@ -202,7 +202,7 @@ impl Vring {
                 log::info!("vring {index}: {} requests were in flight; running them again", resubmit.len());
             }
             let os = |source| VringError::Os { index, source };
-            let wake = EventFd::new(EFD_NONBLOCK).map_err(os)?;
+            let wake = crate::sys::eventfd().map_err(os)?;
             let stop = Arc::new(AtomicBool::new(false));
             let run = QueueRun {
                 queue,
