@@ -25,6 +25,9 @@ use regions::{memory_backend, memory_option, validate_regions};
 /// The id of the socket chardev the vhost-user device talks through.
 pub const CHARDEV_ID: &str = "gmemd0";
 
+/// The trace event marking each step of a migration's downtime.
+pub const DOWNTIME_TRACE_EVENT: &str = "vmstate_downtime_checkpoint";
+
 /// A QEMU command line attaching a VM to gmemd's RAM and vhost-user socket.
 ///
 /// Built with [`QemuCommand::new`] or [`QemuCommand::for_daemon`], tuned with
@@ -45,6 +48,7 @@ pub struct QemuCommand {
     qmp_socket: Option<PathBuf>,
     reconnect_ms: u64,
     aux_ram_share: bool,
+    downtime_trace: bool,
     extra_args: Vec<String>,
 }
 
@@ -74,6 +78,7 @@ impl QemuCommand {
             qmp_socket: None,
             reconnect_ms: 1000,
             aux_ram_share: false,
+            downtime_trace: false,
             extra_args: Vec::new(),
         })
     }
@@ -156,6 +161,16 @@ impl QemuCommand {
         self
     }
 
+    /// Adds `-trace vmstate_downtime_checkpoint -msg timestamp=on`: QEMU
+    /// then writes a timestamped line to stderr at each step of a
+    /// migration's downtime, from which [`crate::live_update`] takes QEMU's
+    /// own downtime figure of a cpr-exec, which `query-migrate` cannot give
+    /// (default off).
+    pub fn downtime_trace(mut self, on: bool) -> Self {
+        self.downtime_trace = on;
+        self
+    }
+
     /// Appends arguments after the generated ones, verbatim.
     pub fn extra_args<I, S>(mut self, args: I) -> Self
     where
@@ -214,7 +229,8 @@ impl QemuCommand {
             format!("socket,id={CHARDEV_ID},path={},reconnect-ms={}", qemu_opt_value(&socket), self.reconnect_ms),
         );
         push("-device", format!("vhost-user-blk-pci,chardev={CHARDEV_ID},num-queues={}", self.queues));
-        push("-serial", self.serial.to_string());
+        args.extend(self.serial.qemu_args());
+        let mut push = |option: &str, value: String| args.extend([option.to_string(), value]);
         if let Some(qmp) = &self.qmp_socket {
             let path = qmp.to_string_lossy();
             push("-qmp", format!("unix:{},server=on,wait=off", qemu_opt_value(&path)));
@@ -227,6 +243,10 @@ impl QemuCommand {
         }
         if let Some(append) = &self.append {
             push("-append", append.clone());
+        }
+        if self.downtime_trace {
+            push("-trace", DOWNTIME_TRACE_EVENT.into());
+            push("-msg", "timestamp=on".into());
         }
         args.extend(self.extra_args.iter().cloned());
         args

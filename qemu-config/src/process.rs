@@ -1,5 +1,6 @@
 //! [`QemuProcess`]: QEMU as a child process that cannot outlive its owner's
-//! scope (it is killed on drop), with a QMP connection on request.
+//! scope (it is killed on drop unless detached), with a QMP connection on
+//! request; [`ProcessHandle`]: any process, held by pidfd.
 
 use std::fs::File;
 use std::io;
@@ -11,6 +12,11 @@ use std::time::{Duration, Instant};
 
 use crate::cmdline::QemuCommand;
 use crate::qmp::{QmpClient, QmpError};
+use crate::quote::shell_join;
+
+mod handle;
+
+pub use handle::ProcessHandle;
 
 /// How long [`QemuProcess::qmp`] waits for QEMU to answer on its socket.
 pub const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -61,6 +67,9 @@ pub enum Output {
     Piped,
     /// A file, created or truncated.
     File(PathBuf),
+    /// A file, created if need be and appended to: several QEMUs in turn
+    /// (a live update's) keep one log.
+    Append(PathBuf),
 }
 
 impl Output {
@@ -69,11 +78,16 @@ impl Output {
             Output::Inherit => Stdio::inherit(),
             Output::Null => Stdio::null(),
             Output::Piped => Stdio::piped(),
-            Output::File(path) => {
-                File::create(path).map_err(|source| ProcessError::OutputFile { path: path.clone(), source })?.into()
+            Output::File(path) => File::create(path).map_err(output_file(path))?.into(),
+            Output::Append(path) => {
+                File::options().append(true).create(true).open(path).map_err(output_file(path))?.into()
             }
         })
     }
+}
+
+fn output_file(path: &Path) -> impl FnOnce(io::Error) -> ProcessError + '_ {
+    move |source| ProcessError::OutputFile { path: path.to_owned(), source }
 }
 
 /// Where QEMU's stdout and stderr go (both inherited by default) and which
@@ -91,6 +105,10 @@ pub struct SpawnOptions {
     /// QEMU gets SIGTERM when the thread that started it dies, even by
     /// SIGKILL (PR_SET_PDEATHSIG), so it cannot outlive a `gmemctl launch`.
     pub stop_with_parent: bool,
+    /// QEMU gets a process group of its own, so that a Ctrl-C meant for
+    /// the process that started it does not reach it: for a QEMU that is to
+    /// outlive its starter ([`QemuProcess::detach`]).
+    pub own_process_group: bool,
 }
 
 /// A running QEMU, killed (SIGKILL) and reaped when dropped.
@@ -99,6 +117,8 @@ pub struct QemuProcess {
     child: Child,
     qmp_path: Option<PathBuf>,
     exit: Option<ExitStatus>,
+    /// Set by [`detach`](Self::detach): dropping leaves QEMU running.
+    detached: bool,
 }
 
 impl QemuProcess {
@@ -109,29 +129,46 @@ impl QemuProcess {
 
     /// Starts `cmd` with stdin from /dev/null and outputs as `options` say.
     pub fn spawn_with(cmd: &QemuCommand, options: &SpawnOptions) -> Result<Self, ProcessError> {
+        Self::spawn_argv(cmd.binary(), &cmd.to_args(), cmd.qmp_path(), options)
+    }
+
+    /// Starts `binary` with `args` (for a command line that is not a
+    /// [`QemuCommand`]'s, or one with arguments added), stdin from
+    /// /dev/null and outputs as `options` say. `qmp` is the QMP socket the
+    /// arguments create, for [`qmp`](Self::qmp).
+    pub fn spawn_argv(
+        binary: &Path,
+        args: &[String],
+        qmp: Option<&Path>,
+        options: &SpawnOptions,
+    ) -> Result<Self, ProcessError> {
+        let line = || shell_join(std::iter::once(binary.to_string_lossy()).chain(args.iter().map(Into::into)));
         let mut command = match &options.netns {
             Some(netns) => {
-                log::info!("starting in network namespace {netns}: {cmd}");
+                log::info!("starting in network namespace {netns}: {}", line());
                 let mut ip = Command::new("ip");
-                ip.args(["netns", "exec", netns]).arg(cmd.binary());
+                ip.args(["netns", "exec", netns]).arg(binary);
                 ip
             }
             None => {
-                log::info!("starting {cmd}");
-                Command::new(cmd.binary())
+                log::info!("starting {}", line());
+                Command::new(binary)
             }
         };
         if options.stop_with_parent {
             stop_with_parent(&mut command);
         }
+        if options.own_process_group {
+            command.process_group(0);
+        }
         let child = command
-            .args(cmd.to_args())
+            .args(args)
             .stdin(Stdio::null())
             .stdout(options.stdout.to_stdio()?)
             .stderr(options.stderr.to_stdio()?)
             .spawn()
             .map_err(|source| ProcessError::Spawn { binary: PathBuf::from(command.get_program()), source })?;
-        Ok(QemuProcess { child, qmp_path: cmd.qmp_path().map(Path::to_owned), exit: None })
+        Ok(QemuProcess { child, qmp_path: qmp.map(Path::to_owned), exit: None, detached: false })
     }
 
     /// QEMU's process id.
@@ -194,6 +231,15 @@ impl QemuProcess {
         self.wait()
     }
 
+    /// Lets QEMU run on once this handle is gone, e.g. the QEMU a live
+    /// update started, which must outlive `gmemctl`. Returns its pid. When
+    /// this process exits, QEMU is reparented (and eventually reaped) by
+    /// init or the nearest subreaper.
+    pub fn detach(mut self) -> u32 {
+        self.detached = true;
+        self.pid()
+    }
+
     /// Connects to QEMU's QMP socket, retrying for up to
     /// [`QMP_CONNECT_TIMEOUT`] while QEMU is still starting; fails at once
     /// with [`ProcessError::ExitedEarly`] if QEMU exits meanwhile.
@@ -213,6 +259,9 @@ impl QemuProcess {
 
 impl Drop for QemuProcess {
     fn drop(&mut self) {
+        if self.detached {
+            return;
+        }
         match self.kill() {
             Ok(status) => log::debug!("QEMU {} ended: {status}", self.child.id()),
             Err(e) => log::warn!("could not stop QEMU {}: {e}", self.child.id()),

@@ -8,6 +8,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, BufRead, BufReader, ErrorKind, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::thread::sleep;
@@ -138,6 +139,29 @@ impl QmpClient {
     /// The server's greeting, `{"QMP": {"version": .., "capabilities": ..}}`.
     pub fn greeting(&self) -> &Value {
         &self.greeting
+    }
+
+    /// The pid of the QEMU at the other end (SO_PEERCRED: the process that
+    /// created the listening socket). `None` if it lives in a pid namespace
+    /// we cannot see into, where the kernel reports 0.
+    pub fn peer_pid(&self) -> Result<Option<u32>, QmpError> {
+        let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        // SAFETY: `cred` and `len` are valid for writes and `len` holds the
+        // size of `cred`, so the kernel writes at most that many bytes.
+        let rc = unsafe {
+            libc::getsockopt(
+                self.writer.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                std::ptr::addr_of_mut!(cred).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error().into());
+        }
+        Ok(u32::try_from(cred.pid).ok().filter(|&pid| pid > 0))
     }
 
     /// Sets how long [`execute`](Self::execute) waits for a reply.

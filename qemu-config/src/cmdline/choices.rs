@@ -4,6 +4,8 @@ use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use crate::quote::qemu_opt_value;
+
 /// How QEMU runs guest code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Accel {
@@ -33,7 +35,9 @@ pub enum SerialSink {
     /// QEMU's stdout (`-serial stdio`).
     #[default]
     Stdio,
-    /// A file QEMU creates or truncates (`-serial file:PATH`).
+    /// A file QEMU creates or appends to (a `file` chardev with
+    /// `append=on`), so that the QEMU a live update starts, or the same one
+    /// after cpr-exec, carries on the same console log.
     File(PathBuf),
     /// No serial port output (`-serial none`).
     None,
@@ -54,12 +58,35 @@ impl FromStr for SerialSink {
     }
 }
 
+/// The id of the chardev a [`SerialSink::File`] console writes through.
+const SERIAL_CHARDEV_ID: &str = "serial0";
+
+impl SerialSink {
+    /// The QEMU options: `-serial stdio|none`, or a `file` chardev with
+    /// `append=on` and `-serial chardev:ID` (`-serial file:` would truncate
+    /// the log each time a QEMU opens it).
+    pub(super) fn qemu_args(&self) -> Vec<String> {
+        let serial = |value: &str| vec!["-serial".to_string(), value.to_string()];
+        match self {
+            SerialSink::Stdio => serial("stdio"),
+            SerialSink::None => serial("none"),
+            SerialSink::File(path) => {
+                let path = path.to_string_lossy();
+                let mut args = vec![
+                    "-chardev".to_string(),
+                    format!("file,id={SERIAL_CHARDEV_ID},path={},append=on", qemu_opt_value(&path)),
+                ];
+                args.extend(serial(&format!("chardev:{SERIAL_CHARDEV_ID}")));
+                args
+            }
+        }
+    }
+}
+
 impl fmt::Display for SerialSink {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             SerialSink::Stdio => f.write_str("stdio"),
-            // `-serial file:` takes the rest of the argument verbatim (no
-            // QemuOpts parsing), so a comma in the path must NOT be doubled.
             SerialSink::File(path) => write!(f, "file:{}", path.display()),
             SerialSink::None => f.write_str("none"),
         }

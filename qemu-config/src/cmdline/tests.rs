@@ -74,14 +74,19 @@ fn accelerators_and_options() {
         .append("console=ttyS0 quiet")
         .reconnect_ms(250)
         .aux_ram_share(true)
+        .downtime_trace(true)
         .extra_args(["-S"]);
     let args = kvm.to_args();
+    assert_eq!(value_of(&args, "-trace"), ["vmstate_downtime_checkpoint"]);
+    assert_eq!(value_of(&args, "-msg"), ["timestamp=on"]);
+    assert_eq!(args.last().map(String::as_str), Some("-S"), "extra arguments come last");
     assert_eq!(value_of(&args, "-accel"), ["kvm"]);
     assert_eq!(value_of(&args, "-cpu"), ["host"]);
     assert_eq!(value_of(&args, "-smp"), ["4"]);
     assert_eq!(value_of(&args, "-machine"), ["pc,memory-backend=ram0,aux-ram-share=on"]);
-    // `-serial file:` is not QemuOpts-parsed (comma kept); `-qmp unix:` is.
-    assert_eq!(value_of(&args, "-serial"), ["file:/tmp/a,b/serial.log"]);
+    // The console is appended to, through a chardev (QemuOpts: comma doubled).
+    assert_eq!(value_of(&args, "-serial"), ["chardev:serial0"]);
+    assert_eq!(value_of(&args, "-chardev")[1], "file,id=serial0,path=/tmp/a,,b/serial.log,append=on");
     assert_eq!(value_of(&args, "-qmp"), ["unix:/tmp/q,,1.sock,server=on,wait=off"]);
     assert_eq!(value_of(&args, "-kernel"), ["/k"]);
     assert_eq!(value_of(&args, "-initrd"), ["/i"]);
