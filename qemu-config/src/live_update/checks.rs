@@ -1,0 +1,257 @@
+//! What a hop checks before it changes anything: everything that would
+//! otherwise lose the guest, and that QEMU itself does not refuse.
+
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+
+use serde_json::{json, Value};
+
+use super::{CprMode, LiveUpdateError, NextQemu, QemuVersion, Running};
+use crate::process::ProcessHandle;
+use crate::qmp::QmpClient;
+
+/// Checks that the guest the QEMU behind `qmp` runs can move to `next`
+/// in `mode`, and returns what it learnt about that QEMU.
+pub(super) fn check(qmp: &mut QmpClient, mode: CprMode, next: &NextQemu) -> Result<Running, LiveUpdateError> {
+    let pid = qmp
+        .peer_pid()
+        .map_err(LiveUpdateError::qmp("reading the QMP peer's pid"))?
+        .ok_or_else(|| LiveUpdateError::NoPeerPid { qmp: next.qmp.clone() })?;
+    let handle = ProcessHandle::open(pid).map_err(LiveUpdateError::process(pid))?;
+    let version = QemuVersion::from_greeting(qmp.greeting())
+        .ok_or_else(|| LiveUpdateError::Malformed { during: "the QMP greeting", reply: qmp.greeting().to_string() })?;
+
+    let run_state = qmp.query_status().map_err(LiveUpdateError::qmp("query-status on the running QEMU"))?;
+    if !matches!(run_state.as_str(), "running" | "paused") {
+        return Err(LiveUpdateError::NotRunning { run_state });
+    }
+    let migration =
+        qmp.execute("query-migrate", Value::Null).map_err(LiveUpdateError::qmp("query-migrate on the running QEMU"))?;
+    if let Some(status) = migration["status"].as_str() {
+        if !matches!(status, "completed" | "failed" | "cancelled" | "none") {
+            return Err(LiveUpdateError::MigrationInProgress { status: status.to_owned() });
+        }
+    }
+
+    let offered = migration_modes(qmp)?;
+    if !offered.iter().any(|m| m == mode.as_str()) {
+        return Err(LiveUpdateError::ModeUnsupported { mode, version, offered });
+    }
+    let next_version = QemuVersion::of_binary(&next.binary)?;
+    if next_version < mode.min_version() {
+        return Err(LiveUpdateError::BinaryTooOld { binary: next.binary.clone(), version: next_version, mode });
+    }
+
+    shared_memory(qmp)?;
+    let running_args = handle.cmdline().map_err(LiveUpdateError::process(pid))?;
+    same_machine(running_args.get(1..).unwrap_or_default(), &next.args)?;
+    same_ram(&handle, &next.args)?;
+    Ok(Running { handle, version, run_state })
+}
+
+/// The migration modes the QEMU offers: the values of the `mode` member of
+/// `migrate-set-parameters`' argument type, from `query-qmp-schema` (type
+/// names there are masked, so the walk goes by reference).
+fn migration_modes(qmp: &mut QmpClient) -> Result<Vec<String>, LiveUpdateError> {
+    const DURING: &str = "query-qmp-schema on the running QEMU";
+    let schema = qmp.execute("query-qmp-schema", Value::Null).map_err(LiveUpdateError::qmp(DURING))?;
+    let entries = schema.as_array().map(Vec::as_slice).unwrap_or_default();
+    let named = |name: &str| entries.iter().find(|e| e["name"] == name);
+    let modes = named("migrate-set-parameters")
+        .and_then(|command| named(command["arg-type"].as_str()?))
+        .and_then(|arguments| {
+            let members = arguments["members"].as_array()?;
+            let mode = members.iter().find(|m| m["name"] == "mode")?;
+            named(mode["type"].as_str()?)
+        })
+        .and_then(|enumeration| {
+            // QEMU 10 lists both `members` ({name}) and the older `values`.
+            let members = enumeration["members"].as_array()?;
+            members.iter().map(|m| m["name"].as_str().map(str::to_owned)).collect()
+        });
+    // A QEMU without the `mode` parameter (before 8.2) has no CPR at all.
+    Ok(modes.unwrap_or_default())
+}
+
+/// Every memory backend is `share=on` and the machine has `aux-ram-share=on`:
+/// otherwise guest RAM, or the ROMs and ACPI tables, stay in the old QEMU's
+/// private memory. QEMU refuses cpr-transfer then, but QEMU 11 goes ahead
+/// with cpr-exec, and the new image runs without them.
+fn shared_memory(qmp: &mut QmpClient) -> Result<(), LiveUpdateError> {
+    const DURING: &str = "query-memdev on the running QEMU";
+    let memdevs = qmp.execute("query-memdev", Value::Null).map_err(LiveUpdateError::qmp(DURING))?;
+    let memdevs =
+        memdevs.as_array().ok_or_else(|| LiveUpdateError::Malformed { during: DURING, reply: memdevs.to_string() })?;
+    if let Some(private) = memdevs.iter().find(|m| m["share"] != true) {
+        return Err(LiveUpdateError::PrivateMemory { id: private["id"].as_str().unwrap_or("(no id)").to_owned() });
+    }
+    let aux = qmp
+        .execute("qom-get", json!({ "path": "/machine", "property": "aux-ram-share" }))
+        .map_err(LiveUpdateError::qmp("qom-get /machine aux-ram-share"))?;
+    if aux != true {
+        return Err(LiveUpdateError::NoAuxRamShare);
+    }
+    Ok(())
+}
+
+/// `args` without `-incoming VALUE` pairs, which differ between the QEMUs
+/// of a chain of hops by design.
+fn without_incoming(args: &[String]) -> Vec<&str> {
+    let mut kept = Vec::with_capacity(args.len());
+    let mut words = args.iter();
+    while let Some(word) = words.next() {
+        if word == "-incoming" {
+            words.next();
+        } else {
+            kept.push(word.as_str());
+        }
+    }
+    kept
+}
+
+/// The running QEMU's arguments end with `next` (both without
+/// `-incoming`): the same machine, devices and paths. They may start with
+/// more, e.g. a loader's options when the binary is a wrapper that execs
+/// `ld.so --library-path ... qemu`.
+fn same_machine(running: &[String], next: &[String]) -> Result<(), LiveUpdateError> {
+    let (running, next) = (without_incoming(running), without_incoming(next));
+    // The running argument aligned (at the ends) with the new one at `i`.
+    let counterpart = |i: usize| (i + running.len()).checked_sub(next.len()).and_then(|j| running.get(j)).copied();
+    match (0..next.len()).find(|&i| counterpart(i) != Some(next[i])) {
+        None => Ok(()),
+        Some(index) => Err(LiveUpdateError::CommandLineMismatch {
+            index,
+            next: next[index].to_owned(),
+            running: counterpart(index).map(str::to_owned),
+        }),
+    }
+}
+
+/// The `memory-backend-file` objects of `args`: id and `mem-path`.
+fn file_backends(args: &[String]) -> Vec<(String, String)> {
+    args.windows(2)
+        .filter(|pair| pair[0] == "-object")
+        .filter_map(|pair| {
+            let options = qemu_opts(&pair[1]);
+            (options.first().map(|(k, _)| k.as_str()) == Some("memory-backend-file")).then_some(())?;
+            let map: HashMap<_, _> = options.into_iter().collect();
+            Some((map.get("id")?.clone(), map.get("mem-path")?.clone()))
+        })
+        .collect()
+}
+
+/// A QemuOpts string split into `key=value` pairs; a doubled comma is a
+/// comma in a value, and a leading bare word (the object type) becomes a
+/// key with an empty value.
+fn qemu_opts(text: &str) -> Vec<(String, String)> {
+    let mut pairs = Vec::new();
+    let mut current = String::new();
+    let mut chars = text.chars().peekable();
+    let mut finish = |current: &mut String| {
+        let item = std::mem::take(current);
+        let (key, value) = item.split_once('=').unwrap_or((&item, ""));
+        pairs.push((key.to_owned(), value.to_owned()));
+    };
+    while let Some(c) = chars.next() {
+        match c {
+            ',' if chars.peek() == Some(&',') => {
+                chars.next();
+                current.push(',');
+            }
+            ',' => finish(&mut current),
+            _ => current.push(c),
+        }
+    }
+    finish(&mut current);
+    pairs
+}
+
+/// Every `mem-path` of `next` names memory the running QEMU has mapped
+/// (same device and inode in its `/proc/<pid>/maps`): the new QEMU reopens
+/// the path rather than inheriting the mapping, so a path that now leads
+/// elsewhere (gmemd restarted, its `/proc/<pid>/fd/<n>` gone) would give it
+/// other memory or none.
+fn same_ram(running: &ProcessHandle, next: &[String]) -> Result<(), LiveUpdateError> {
+    let maps = running.proc_file("maps").map_err(LiveUpdateError::process(running.pid()))?;
+    let mapped: Vec<(&str, u64)> = maps
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace().skip(3);
+            Some((fields.next()?, fields.next()?.parse().ok()?))
+        })
+        .collect();
+    for (id, path) in file_backends(next) {
+        let unreachable = |why: String| LiveUpdateError::RamNotReachable { id: id.clone(), path: path.clone(), why };
+        let meta = std::fs::metadata(&path).map_err(|e| unreachable(e.to_string()))?;
+        let dev = format!("{:02x}:{:02x}", libc::major(meta.dev()), libc::minor(meta.dev()));
+        if !mapped.contains(&(dev.as_str(), meta.ino())) {
+            return Err(unreachable(format!(
+                "it is inode {} on device {dev}, which QEMU {} has not mapped",
+                meta.ino(),
+                running.pid()
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(words: &[&str]) -> Vec<String> {
+        words.iter().map(|w| w.to_string()).collect()
+    }
+
+    #[test]
+    fn command_lines_match_at_the_end_without_incoming() {
+        let next = strings(&["-m", "1G", "-qmp", "unix:q"]);
+        let wrapped = strings(&[
+            "--library-path",
+            "/r/lib",
+            "/r/qemu",
+            "-L",
+            "/r/share",
+            "-m",
+            "1G",
+            "-incoming",
+            "file:/s",
+            "-qmp",
+            "unix:q",
+        ]);
+        assert!(same_machine(&wrapped, &next).is_ok());
+        let with_incoming = strings(&["-m", "1G", "-qmp", "unix:q", "-incoming", "defer"]);
+        assert!(same_machine(&next, &with_incoming).is_ok());
+
+        let other = strings(&["-m", "2G", "-qmp", "unix:q"]);
+        match same_machine(&other, &next) {
+            Err(LiveUpdateError::CommandLineMismatch { index, next, running }) => {
+                assert_eq!((index, next.as_str(), running.as_deref()), (1, "1G", Some("2G")));
+            }
+            other => panic!("{other:?}"),
+        }
+        let shorter = strings(&["-qmp", "unix:q"]);
+        match same_machine(&shorter, &next) {
+            Err(LiveUpdateError::CommandLineMismatch { index, next, running }) => {
+                assert_eq!((index, next.as_str(), running.as_deref()), (0, "-m", None));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn file_backends_are_found_with_their_paths() {
+        let args = strings(&[
+            "-object",
+            "memory-backend-file,id=ram0,share=on,size=1,mem-path=/proc/7/fd/3",
+            "-object",
+            "memory-backend-memfd,id=ram1,share=on,size=1",
+            "-object",
+            "memory-backend-file,mem-path=/a,,b,id=ram2",
+        ]);
+        assert_eq!(
+            file_backends(&args),
+            [("ram0".to_string(), "/proc/7/fd/3".to_string()), ("ram2".to_string(), "/a,b".to_string())]
+        );
+    }
+}
