@@ -12,8 +12,10 @@ use anyhow::{Context, Result};
 use clap::error::ErrorKind;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use gmem_protocol::ControlClient;
-use gmem_qemu::{Accel, QemuCommand, QemuProcess, QmpClient, SerialSink, SpawnOptions};
+use gmem_qemu::{Accel, Output, QemuCommand, QemuProcess, QmpClient, SerialSink, SpawnOptions};
 
+#[path = "gmemctl/live_update.rs"]
+mod live_update;
 #[path = "gmemctl/migrate.rs"]
 mod migrate;
 #[path = "gmemctl/progress.rs"]
@@ -21,7 +23,7 @@ mod progress;
 #[path = "gmemctl/tables.rs"]
 mod tables;
 
-const ABOUT: &str = "Control gmemd, start QEMU guests attached to it, and migrate them";
+const ABOUT: &str = "Control gmemd, start QEMU guests attached to it, migrate them and live-update their QEMU";
 
 const LONG_ABOUT: &str = "\
 Control gmemd, start QEMU guests attached to it, and migrate them.
@@ -36,7 +38,10 @@ and queues, and turns them into a QEMU command line: the first region is the
 machine's main RAM, further regions are pc-dimm devices.
 
 gmemctl migrate live-migrates a guest between two such QEMUs (each with its
-own gmemd), precopy or postcopy, over their QMP sockets.";
+own gmemd), precopy or postcopy, over their QMP sockets.
+
+gmemctl live-update moves a running guest to a new QEMU process or binary on
+the same host (cpr-transfer, cpr-exec); its RAM and disk stay in gmemd.";
 
 const EXAMPLES: &str = "\
 Examples:
@@ -57,6 +62,13 @@ Examples:
   gmemctl migrate --from qmp=/run/src.qmp,control=/run/gmemd/control.sock \\
       --to qmp=/run/dst.qmp,control=/run/gmemd2/control.sock \\
       --uri unix:/run/mig.sock --postcopy
+
+  # Or move it to a newer QEMU binary on the same host, in place (cpr-exec):
+  gmemctl --control /run/gmemd/control.sock launch --aux-ram-share --qmp /run/vm.qmp \\
+      --serial file:/run/vm.serial --kernel vmlinuz --initrd initrd.img &
+  gmemctl --control /run/gmemd/control.sock live-update --mode cpr-exec \\
+      --qemu \"$(scripts/qemu-next)\" --aux-ram-share --qmp /run/vm.qmp \\
+      --serial file:/run/vm.serial --kernel vmlinuz --initrd initrd.img
 
 Set RUST_LOG=info (or debug) to see what gmemctl does.";
 
@@ -108,10 +120,27 @@ enum GmemdCmd {
     Launch {
         #[command(flatten)]
         vm: VmArgs,
-        /// The QEMU binary to run.
-        #[arg(long, value_name = "BINARY", default_value = "qemu-system-x86_64")]
-        qemu: PathBuf,
+        #[command(flatten)]
+        run: QemuRun,
     },
+    /// Move a running guest to a new QEMU on the same host (cpr-transfer,
+    /// cpr-exec); RAM and disk stay in gmemd.
+    #[command(long_about = live_update::LONG_ABOUT, after_help = live_update::EXAMPLES)]
+    LiveUpdate(live_update::LiveUpdateArgs),
+}
+
+/// Which QEMU runs and where its stderr goes.
+#[derive(Debug, Args)]
+struct QemuRun {
+    /// The QEMU binary to run (live-update: the new one), e.g. the QEMU 11
+    /// from scripts/qemu-next for cpr-exec.
+    #[arg(long, value_name = "BINARY", default_value = "qemu-system-x86_64")]
+    qemu: PathBuf,
+    /// Append QEMU's stderr to this file instead of inheriting gmemctl's;
+    /// with --downtime-trace it holds QEMU's downtime checkpoints, which
+    /// live-update reads (give it the same file).
+    #[arg(long, value_name = "PATH")]
+    qemu_log: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -148,9 +177,15 @@ struct VmArgs {
     /// How often QEMU retries gmemd's vhost-user socket, in milliseconds.
     #[arg(long, value_name = "MS", default_value = "1000")]
     reconnect_ms: u64,
-    /// Add aux-ram-share=on to -machine (needed for cpr-transfer).
+    /// Add aux-ram-share=on to -machine, so that ROMs and ACPI tables are
+    /// shared memory a live update can carry over (needed by live-update).
     #[arg(long)]
     aux_ram_share: bool,
+    /// Add -trace vmstate_downtime_checkpoint -msg timestamp=on: QEMU logs
+    /// each step of a migration's downtime on stderr, from which
+    /// live-update reports QEMU's own downtime figure.
+    #[arg(long)]
+    downtime_trace: bool,
     /// Start as a migration destination (-incoming): `defer` for
     /// `gmemctl migrate`, which sets capabilities and then starts listening.
     #[arg(long, value_name = "defer|URI")]
@@ -168,7 +203,8 @@ impl VmArgs {
             .cpus(self.cpus)
             .serial(self.serial.clone())
             .reconnect_ms(self.reconnect_ms)
-            .aux_ram_share(self.aux_ram_share);
+            .aux_ram_share(self.aux_ram_share)
+            .downtime_trace(self.downtime_trace);
         if let Some(incoming) = &self.incoming {
             cmd = cmd.extra_args(["-incoming", incoming]);
         }
@@ -266,17 +302,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{}", gmem_qemu::quote::shell_join(&args));
             }
         }
-        GmemdCmd::Launch { vm, qemu } => {
-            let cmd = vm.build(&mut client)?.qemu_binary(qemu);
+        GmemdCmd::Launch { vm, run } => {
+            let cmd = vm.build(&mut client)?.qemu_binary(run.qemu);
             drop(client);
-            return launch(cmd, vm.qmp.is_none());
+            return launch(cmd, vm.qmp.is_none(), run.qemu_log);
         }
+        GmemdCmd::LiveUpdate(args) => live_update::run(&args, &mut client)?,
     }
     Ok(ExitCode::SUCCESS)
 }
 
 /// Runs QEMU to completion and turns its exit status into ours.
-fn launch(cmd: QemuCommand, temporary_qmp: bool) -> Result<ExitCode> {
+fn launch(cmd: QemuCommand, temporary_qmp: bool, log: Option<PathBuf>) -> Result<ExitCode> {
     // A QMP socket is always there, so the VM can be inspected or stopped
     // while it runs; the temporary one goes away with its directory.
     let qmp_dir = if temporary_qmp { Some(tempfile::Builder::new().prefix("gmemctl-").tempdir()?) } else { None };
@@ -285,7 +322,11 @@ fn launch(cmd: QemuCommand, temporary_qmp: bool) -> Result<ExitCode> {
         None => cmd,
     };
     forward_termination_signals().context("installing signal handlers")?;
-    let options = SpawnOptions { stop_with_parent: true, ..SpawnOptions::default() };
+    let options = SpawnOptions {
+        stderr: log.map_or(Output::Inherit, Output::Append),
+        stop_with_parent: true,
+        ..SpawnOptions::default()
+    };
     let mut qemu = QemuProcess::spawn_with(&cmd, &options).context("starting QEMU")?;
     QEMU_PID.store(i32::try_from(qemu.pid()).unwrap_or(0), Ordering::SeqCst);
     if STOP_REQUESTED.load(Ordering::SeqCst) {

@@ -255,7 +255,7 @@ fn take_over(src: &mut QmpClient, dst: &mut QmpClient, options: &MigrationOption
 
 /// A duration given in seconds, fractions allowed: `2`, `0.5`.
 #[derive(Debug, Clone, Copy, PartialEq)]
-struct Seconds(Duration);
+pub struct Seconds(pub Duration);
 
 impl FromStr for Seconds {
     type Err = String;
