@@ -53,33 +53,35 @@ pub fn repo_root() -> &'static Path {
 }
 
 fn build_image() -> Result<GuestImage> {
-    let script = repo_root().join("scripts/guest-image");
+    let dir = run_path_script("guest-image")?;
+    let image = GuestImage { kernel: dir.join("vmlinuz"), initrd: dir.join("initrd.img") };
+    for file in [&image.kernel, &image.initrd] {
+        if !file.is_file() {
+            bail!("scripts/guest-image reported {} but {} is missing", dir.display(), file.display());
+        }
+    }
+    log::info!("test guest image: {}", dir.display());
+    Ok(image)
+}
+
+/// Runs `scripts/<name>`, whose contract is to print exactly one line on
+/// stdout, a path, and progress on stderr; returns the path. Its stderr
+/// goes to the debug log, or into the error if it fails.
+pub(crate) fn run_path_script(name: &str) -> Result<PathBuf> {
+    let script = repo_root().join("scripts").join(name);
     let out = Command::new(&script).output().with_context(|| format!("cannot run {}", script.display()))?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
         bail!("{} failed ({}); its output:\n{}", script.display(), out.status, stderr.trim_end());
     }
     for line in stderr.lines() {
-        log::debug!("guest-image: {line}");
+        log::debug!("{name}: {line}");
     }
-    // The script's contract: exactly one stdout line, the image directory.
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let dir = match stdout.lines().collect::<Vec<_>>().as_slice() {
-        [dir] if !dir.trim().is_empty() => PathBuf::from(dir.trim()),
-        _ => bail!(
-            "{} printed {stdout:?} instead of one directory line; stderr:\n{}",
-            script.display(),
-            stderr.trim_end()
-        ),
-    };
-    let image = GuestImage { kernel: dir.join("vmlinuz"), initrd: dir.join("initrd.img") };
-    for file in [&image.kernel, &image.initrd] {
-        if !file.is_file() {
-            bail!("{} reported {} but {} is missing", script.display(), dir.display(), file.display());
-        }
+    match stdout.lines().collect::<Vec<_>>().as_slice() {
+        [path] if !path.trim().is_empty() => Ok(PathBuf::from(path.trim())),
+        _ => bail!("{} printed {stdout:?} instead of one path line; stderr:\n{}", script.display(), stderr.trim_end()),
     }
-    log::info!("test guest image: {}", dir.display());
-    Ok(image)
 }
 
 /// Kernel command line (QEMU `-append`) that runs agent `agent` with the given

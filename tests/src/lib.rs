@@ -14,7 +14,7 @@ pub use daemon::{binaries, Gmemd, GmemdOptions};
 pub use guest::{agent_append, AgentResults, GuestImage};
 pub use migration::{MigrationOptions, MigrationPair};
 pub use net::{DelayRelay, HostPair};
-pub use vm::{Vm, VmOptions};
+pub use vm::{qemu_next, Vm, VmOptions};
 
 /// Polls `probe` every 50 ms until it gives a value, for up to `timeout`.
 pub fn poll_until<T>(

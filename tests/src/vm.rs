@@ -1,13 +1,25 @@
 //! `Vm`: a real QEMU booting the test guest on a gmemd.
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use gmem_qemu::{Output, QemuCommand, QemuProcess, QmpClient, SerialSink, SpawnOptions};
+use gmem_qemu::live_update::{self, HopOptions};
+use gmem_qemu::{CprMode, HopReport, NextQemu, Output, QemuCommand, QemuProcess, QmpClient, SerialSink, SpawnOptions};
 
 use crate::daemon::Gmemd;
-use crate::guest::{agent_append, AgentResults, GuestImage};
+use crate::guest::{agent_append, run_path_script, AgentResults, GuestImage};
+
+/// The QEMU with cpr-exec (10.2 or later) that `scripts/qemu-next`
+/// provides: a wrapper in `~/.cache/gmemd/trixie-qemu/bin`, built on first
+/// use (debootstrap, about a minute; later a check of milliseconds). Runs
+/// the script once per process and remembers a failure, as
+/// [`GuestImage::ensure`] does; a test that needs it fails without it.
+pub fn qemu_next() -> Result<PathBuf> {
+    static QEMU: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    QEMU.get_or_init(|| run_path_script("qemu-next").map_err(|e| format!("{e:#}"))).clone().map_err(anyhow::Error::msg)
+}
 
 /// How to start a [`Vm`].
 #[derive(Debug, Clone)]
@@ -30,6 +42,11 @@ pub struct VmOptions {
     /// initrd and command line stay those of the agent, so the machine
     /// matches a source started with the same options.
     pub incoming: bool,
+    /// The QEMU binary; `None` is `qemu-system-x86_64` from PATH.
+    pub qemu: Option<PathBuf>,
+    /// Ready for [`Vm::live_update`]: `aux-ram-share=on`, and the downtime
+    /// trace in QEMU's log.
+    pub cpr: bool,
 }
 
 impl VmOptions {
@@ -42,6 +59,8 @@ impl VmOptions {
             params: Vec::new(),
             netns: None,
             incoming: false,
+            qemu: None,
+            cpr: false,
         }
     }
 
@@ -56,6 +75,7 @@ impl VmOptions {
 #[derive(Debug)]
 pub struct Vm {
     qemu: QemuProcess,
+    options: VmOptions,
     serial: PathBuf,
     qmp: PathBuf,
     qemu_log: PathBuf,
@@ -76,19 +96,11 @@ impl Vm {
 
     /// Starts QEMU on `gmemd` as `options` say, with a QMP socket.
     pub fn start(gmemd: &Gmemd, options: &VmOptions) -> Result<Vm> {
-        let image = GuestImage::ensure()?;
         let dir = gmemd.dir.path();
         let serial = dir.join(format!("{}.serial", options.name));
         let qmp = dir.join(format!("{}.qmp", options.name));
         let qemu_log = dir.join(format!("{}.qemu.log", options.name));
-        let params: Vec<(&str, &str)> = options.params.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let mut command = QemuCommand::for_daemon(&mut gmemd.client()?)?
-            .kernel(&image.kernel)
-            .initrd(&image.initrd)
-            .append(agent_append(&options.agent, &params))
-            .cpus(std::num::NonZeroU32::new(options.cpus).context("cpus must be at least 1")?)
-            .serial(SerialSink::File(serial.clone()))
-            .qmp(&qmp);
+        let mut command = Vm::command(gmemd, options, &serial, &qmp)?;
         if options.incoming {
             command = command.extra_args(["-incoming", "defer"]);
         }
@@ -99,7 +111,62 @@ impl Vm {
             ..SpawnOptions::default()
         };
         let qemu = QemuProcess::spawn_with(&command, &spawn).context("starting QEMU")?;
-        Ok(Vm { qemu, serial, qmp, qemu_log, gmemd_log: gmemd.log_path(), gmemd_control: gmemd.control.clone() })
+        Ok(Vm {
+            qemu,
+            options: options.clone(),
+            serial,
+            qmp,
+            qemu_log,
+            gmemd_log: gmemd.log_path(),
+            gmemd_control: gmemd.control.clone(),
+        })
+    }
+
+    /// The command line for `options` on `gmemd` as it is now (its regions'
+    /// `/proc/<pid>/fd/<n>` paths), without `-incoming`.
+    fn command(gmemd: &Gmemd, options: &VmOptions, serial: &Path, qmp: &Path) -> Result<QemuCommand> {
+        let image = GuestImage::ensure()?;
+        let params: Vec<(&str, &str)> = options.params.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let mut command = QemuCommand::for_daemon(&mut gmemd.client()?)?
+            .kernel(&image.kernel)
+            .initrd(&image.initrd)
+            .append(agent_append(&options.agent, &params))
+            .cpus(std::num::NonZeroU32::new(options.cpus).context("cpus must be at least 1")?)
+            .serial(SerialSink::File(serial.to_owned()))
+            .qmp(qmp)
+            .aux_ram_share(options.cpr)
+            .downtime_trace(options.cpr);
+        if let Some(qemu) = &options.qemu {
+            command = command.qemu_binary(qemu);
+        }
+        Ok(command)
+    }
+
+    /// Moves the guest to a new QEMU (`mode`), its command line regenerated
+    /// from `gmemd`: [`gmem_qemu::live_update::hop`] with the hop's files
+    /// in gmemd's directory and the new QEMU's stderr appended to this
+    /// VM's log. After a cpr-transfer this `Vm` is the new QEMU, and the
+    /// old one (killed by the hop) is reaped. Needs [`VmOptions::cpr`].
+    pub fn live_update(&mut self, gmemd: &Gmemd, mode: CprMode) -> Result<HopReport> {
+        let command = Vm::command(gmemd, &self.options, &self.serial, &self.qmp)?;
+        let next = NextQemu::from_command(&command)?;
+        let options = HopOptions {
+            trace_log: Some(self.qemu_log.clone()),
+            spawn: SpawnOptions {
+                stdout: Output::Null,
+                stderr: Output::Append(self.qemu_log.clone()),
+                netns: self.options.netns.clone(),
+                ..SpawnOptions::default()
+            },
+            ..HopOptions::new(mode, gmemd.dir.path())
+        };
+        let qmp = self.qmp()?;
+        let hop = live_update::hop(qmp, &next, &options, |step| log::info!("{mode}: {step:?}"))
+            .with_context(|| format!("{mode} of QEMU {}; {}", self.pid(), self.diagnostics()))?;
+        if let Some(new) = hop.spawned {
+            self.qemu = new;
+        }
+        Ok(hop.report)
     }
 
     /// QEMU's pid.

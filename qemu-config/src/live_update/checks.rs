@@ -112,19 +112,25 @@ fn without_incoming(args: &[String]) -> Vec<&str> {
 /// The running QEMU's arguments end with `next` (both without
 /// `-incoming`): the same machine, devices and paths. They may start with
 /// more, e.g. a loader's options when the binary is a wrapper that execs
-/// `ld.so --library-path ... qemu`.
+/// `ld.so --library-path ... qemu`. A difference is reported at the first
+/// argument that differs, with the lines aligned where the running one
+/// has the new one's first argument.
 fn same_machine(running: &[String], next: &[String]) -> Result<(), LiveUpdateError> {
     let (running, next) = (without_incoming(running), without_incoming(next));
-    // The running argument aligned (at the ends) with the new one at `i`.
-    let counterpart = |i: usize| (i + running.len()).checked_sub(next.len()).and_then(|j| running.get(j)).copied();
-    match (0..next.len()).find(|&i| counterpart(i) != Some(next[i])) {
-        None => Ok(()),
-        Some(index) => Err(LiveUpdateError::CommandLineMismatch {
-            index,
-            next: next[index].to_owned(),
-            running: counterpart(index).map(str::to_owned),
-        }),
+    if running.ends_with(&next) {
+        return Ok(());
     }
+    let start = next
+        .first()
+        .and_then(|first| running.iter().position(|arg| arg == first))
+        .unwrap_or_else(|| running.len().saturating_sub(next.len()));
+    let tail = &running[start..];
+    let index = (0..next.len().max(tail.len())).find(|&i| tail.get(i) != next.get(i)).unwrap_or(0);
+    Err(LiveUpdateError::CommandLineMismatch {
+        index,
+        next: next.get(index).map(|s| s.to_string()),
+        running: tail.get(index).map(|s| s.to_string()),
+    })
 }
 
 /// The `memory-backend-file` objects of `args`: id and `mem-path`.
@@ -226,14 +232,14 @@ mod tests {
         let other = strings(&["-m", "2G", "-qmp", "unix:q"]);
         match same_machine(&other, &next) {
             Err(LiveUpdateError::CommandLineMismatch { index, next, running }) => {
-                assert_eq!((index, next.as_str(), running.as_deref()), (1, "1G", Some("2G")));
+                assert_eq!((index, next.as_deref(), running.as_deref()), (1, Some("1G"), Some("2G")));
             }
             other => panic!("{other:?}"),
         }
-        let shorter = strings(&["-qmp", "unix:q"]);
-        match same_machine(&shorter, &next) {
+        let more = strings(&["-m", "1G", "-qmp", "unix:q", "-S"]);
+        match same_machine(&more, &next) {
             Err(LiveUpdateError::CommandLineMismatch { index, next, running }) => {
-                assert_eq!((index, next.as_str(), running.as_deref()), (0, "-m", None));
+                assert_eq!((index, next.as_deref(), running.as_deref()), (4, None, Some("-S")));
             }
             other => panic!("{other:?}"),
         }

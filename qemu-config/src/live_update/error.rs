@@ -107,16 +107,16 @@ pub enum LiveUpdateError {
     /// The new command line is not the running one: the new QEMU would
     /// build another machine and fail to load the guest's state.
     #[error(
-        "the new command line differs from the running QEMU's at argument {index}: it has {next:?}, the running QEMU {}; \
+        "the new command line differs from the running QEMU's at argument {index}: it has {}, the running QEMU {}; \
          give the same VM options as when it was started",
-        running.as_ref().map_or("nothing".to_string(), |r| format!("{r:?}"))
+        quoted(next),
+        quoted(running)
     )]
     CommandLineMismatch {
-        /// Position in the new arguments (0: the first after the binary),
-        /// the two lines aligned at their ends.
+        /// Position in the new arguments (0: the first after the binary).
         index: usize,
         /// The new argument there.
-        next: String,
+        next: Option<String>,
         /// The running QEMU's argument there.
         running: Option<String>,
     },
@@ -193,6 +193,10 @@ pub enum LiveUpdateError {
         /// How long.
         seconds: f64,
     },
+}
+
+fn quoted(arg: &Option<String>) -> String {
+    arg.as_ref().map_or_else(|| "nothing more".to_string(), |a| format!("{a:?}"))
 }
 
 impl LiveUpdateError {

@@ -1,0 +1,175 @@
+//! Live update of a guest doing block I/O: its QEMU is replaced three times
+//! while the `seqio` agent writes (cpr-transfer with the system's QEMU 10.0,
+//! cpr-exec with the QEMU 11 of scripts/qemu-next), guest RAM and disk
+//! staying in one gmemd throughout. QEMU, the guest and gmemd are real; the
+//! QMP sequences are gmem_qemu::live_update's.
+//!
+//! seqio writes numbered blocks to /dev/vda, keeps a running checksum in
+//! guest RAM and reads every block straight back into a slot of its own in
+//! guest RAM (the device writes that RAM). At the end it checks every slot
+//! and the disk against its checksum, and the host checks every block of
+//! the image. A hop that lost guest RAM (or the device's writes into it, or
+//! the vCPU's) shows up as a stale slot, a wrong checksum or a dead guest; a
+//! guest restarted from scratch prints its start line twice; a write the
+//! device ran twice or never shows in gmemd's byte counts.
+//!
+//! Both tests fail, not skip, without their QEMU (scripts/test provides
+//! both).
+
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use gmem_qemu::live_update::{self, HopOptions};
+use gmem_qemu::{CprMode, HopReport, LiveUpdateError, NextQemu, QemuCommand};
+use gmem_tests::guest::START_MARKER;
+use gmem_tests::seqio::{self, SeqioReport, BLOCK_BYTES, PROGRESS_KEY};
+use gmem_tests::{poll_until, qemu_next, AgentResults, Gmemd, GmemdOptions, Vm, VmOptions};
+
+/// Blocks the guest writes: 64 MiB, about 5 s of I/O under TCG.
+const BLOCKS: u64 = 16384;
+/// The first hop once the guest has written this many blocks.
+const START_AT: u64 = 1024;
+/// Blocks the guest writes between two hops.
+const BETWEEN_HOPS: u64 = 2048;
+const HOPS: usize = 3;
+/// Boot plus the whole run, generously (TCG on a busy 2-core host).
+const RUN_TIMEOUT: Duration = Duration::from_secs(180);
+/// The size of a virtio-blk request header, which the device reads from
+/// guest RAM for every request.
+const HEADER_BYTES: u64 = 16;
+
+/// Boots the seqio guest on a fresh gmemd with `qemu` (the system's when
+/// `None`), moves it `HOPS` times with `mode` while it writes, and checks
+/// everything. Returns the hops' reports.
+fn hops_lose_nothing(mode: CprMode, qemu: Option<std::path::PathBuf>, seed: u64) -> Result<Vec<HopReport>> {
+    let gmemd = Gmemd::start(&GmemdOptions::default())?;
+    let options = VmOptions { qemu, cpr: true, ..VmOptions::new(mode.as_str(), "seqio") }
+        .param("blocks", BLOCKS)
+        .param("seed", seed);
+    let mut vm = Vm::start(&gmemd, &options)?;
+    let mut reports = Vec::new();
+    let mut due = START_AT;
+    for hop in 1..=HOPS {
+        let results = vm.wait_for_progress(PROGRESS_KEY, due, RUN_TIMEOUT)?;
+        let before = results.progress(PROGRESS_KEY).unwrap_or(0);
+        ensure!(before < BLOCKS, "the guest finished before hop {hop}; raise BLOCKS");
+        let old_pid = vm.pid();
+        let report = vm.live_update(&gmemd, mode).with_context(|| format!("hop {hop}"))?;
+        eprintln!("hop {hop} at block {before}: {}", serde_json::to_string(&report)?);
+        ensure!(report.old_pid == old_pid && report.new_pid == vm.pid(), "{report:?}");
+        match mode {
+            CprMode::CprExec => ensure!(vm.pid() == old_pid, "cpr-exec keeps the pid: {report:?}"),
+            CprMode::CprTransfer => ensure!(vm.pid() != old_pid, "cpr-transfer runs a new QEMU: {report:?}"),
+        }
+        ensure!(report.qemu_downtime_ms.is_some_and(|ms| ms > 0.0), "no downtime in QEMU's trace: {report:?}");
+        // gmemd serves the new QEMU alone once the old connection is gone,
+        // and the new QEMU maps the same regions again.
+        poll_until("gmemd to serve the new QEMU alone", Duration::from_secs(10), || {
+            let status = gmemd.client().ok()?.query_status().ok()?;
+            let regions = gmemd.client().ok()?.query_regions().ok()?;
+            let alone = status.frontends.len() == 1 && status.frontends[0].pid == i32::try_from(vm.pid()).ok();
+            (alone && regions.iter().all(|r| r.mapped_by == 1)).then_some(())
+        })?;
+        reports.push(report);
+        due = before + BETWEEN_HOPS;
+    }
+    let results = vm.wait_exit(RUN_TIMEOUT)?;
+    verify(&vm, &gmemd, &results, seed, due - BETWEEN_HOPS)?;
+    Ok(reports)
+}
+
+/// The guest's own verdict, the image, a single boot, progress after the
+/// last hop, and gmemd's count of the device's writes.
+fn verify(vm: &Vm, gmemd: &Gmemd, results: &AgentResults, seed: u64, last_hop_at: u64) -> Result<()> {
+    let report = SeqioReport::from_results(results)?;
+    ensure!(report.blocks == BLOCKS, "{report:?}");
+    ensure!(report.is_clean(), "the guest found lost data after the hops: {report:?}");
+    let disk_sum = seqio::verify_disk(&gmemd.disk, BLOCKS, seed)?;
+    ensure!(disk_sum == report.sum, "the image's checksum {disk_sum:016x} is not the guest's {:016x}", report.sum);
+    let starts = vm.serial_text().matches(START_MARKER).count();
+    ensure!(starts == 1, "the agent started {starts} times: the guest was restarted, not moved");
+    ensure!(
+        results.progress(PROGRESS_KEY) == Some(BLOCKS) && last_hop_at < BLOCKS,
+        "progress {:?}, last hop at {last_hop_at}",
+        results.progress(PROGRESS_KEY)
+    );
+    // Every request reads a 16-byte header from guest RAM; the rest of what
+    // the device read is write data, which is exactly the guest's blocks
+    // (the boot writes nothing) when every write ran once.
+    let device = gmemd.client()?.query_device()?;
+    ensure!(device.errors == 0, "{device:?}");
+    let written = device.queues.iter().map(|q| q.bytes_from_guest).sum::<u64>() - HEADER_BYTES * device.requests;
+    ensure!(
+        written == BLOCKS * BLOCK_BYTES as u64,
+        "the device wrote {written} bytes of data for {} bytes of blocks: {device:?}",
+        BLOCKS * BLOCK_BYTES as u64
+    );
+    Ok(())
+}
+
+#[test]
+fn cpr_transfer_three_hops_with_the_guest_writing_lose_nothing() -> Result<()> {
+    let reports = hops_lose_nothing(CprMode::CprTransfer, None, 31)?;
+    // A second QEMU does the slow part while the guest still runs.
+    ensure!(reports.iter().all(|r| r.paused_ms.is_some_and(|p| p < r.handover_ms)), "{reports:?}");
+    Ok(())
+}
+
+#[test]
+fn cpr_exec_three_hops_on_qemu_11_lose_nothing() -> Result<()> {
+    let qemu = qemu_next()?;
+    hops_lose_nothing(CprMode::CprExec, Some(qemu), 32)?;
+    Ok(())
+}
+
+/// What would lose the guest is refused before anything changes, and the
+/// guest runs on in the same QEMU. The guest need not boot for this.
+#[test]
+fn live_update_refuses_what_would_lose_the_guest() -> Result<()> {
+    let qemu_11 = qemu_next()?;
+    let gmemd = Gmemd::start(&GmemdOptions::default())?;
+    let attempt = |vm: &mut Vm, mode: CprMode, next: &QemuCommand| -> Result<LiveUpdateError> {
+        let next = NextQemu::from_command(next)?;
+        let options = HopOptions::new(mode, gmemd.dir.path());
+        let outcome = live_update::hop(vm.qmp()?, &next, &options, |_| {});
+        let error = outcome.err().context("the hop was not refused")?;
+        eprintln!("{mode}: refused: {error}");
+        let mut qmp = vm.qmp()?;
+        let state = qmp.query_status()?;
+        ensure!(matches!(state.as_str(), "running" | "prelaunch"), "the guest's QEMU is {state} after the refusal");
+        Ok(error)
+    };
+    let command = |name: &str, qemu: &std::path::Path, aux: bool| -> Result<QemuCommand> {
+        let dir = gmemd.dir.path();
+        Ok(QemuCommand::for_daemon(&mut gmemd.client()?)?
+            .qemu_binary(qemu)
+            .serial(gmem_qemu::SerialSink::None)
+            .qmp(dir.join(format!("{name}.qmp")))
+            .aux_ram_share(aux))
+    };
+
+    // QEMU 10.0 has no cpr-exec.
+    let system = std::path::Path::new("qemu-system-x86_64");
+    let mut old = Vm::start(&gmemd, &VmOptions { cpr: true, ..VmOptions::new("old", "idle") })?;
+    let error = attempt(&mut old, CprMode::CprExec, &command("old", system, true)?)?;
+    ensure!(matches!(error, LiveUpdateError::ModeUnsupported { .. }), "{error}");
+    drop(old);
+
+    // QEMU 11 without aux-ram-share=on would exec and lose the ROMs.
+    let mut no_aux = Vm::start(&gmemd, &VmOptions { qemu: Some(qemu_11.clone()), ..VmOptions::new("noaux", "idle") })?;
+    for mode in [CprMode::CprExec, CprMode::CprTransfer] {
+        let error = attempt(&mut no_aux, mode, &command("noaux", &qemu_11, false)?)?;
+        ensure!(matches!(error, LiveUpdateError::NoAuxRamShare), "{error}");
+    }
+    drop(no_aux);
+
+    // A new binary without cpr-exec, or another command line (here: no
+    // kernel, no console) would not load the guest.
+    let mut vm =
+        Vm::start(&gmemd, &VmOptions { qemu: Some(qemu_11.clone()), cpr: true, ..VmOptions::new("vm", "idle") })?;
+    let error = attempt(&mut vm, CprMode::CprExec, &command("vm", system, true)?)?;
+    ensure!(matches!(error, LiveUpdateError::BinaryTooOld { .. }), "{error}");
+    let error = attempt(&mut vm, CprMode::CprExec, &command("vm", &qemu_11, true)?)?;
+    ensure!(matches!(error, LiveUpdateError::CommandLineMismatch { .. }), "{error}");
+    Ok(())
+}
