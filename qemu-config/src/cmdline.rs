@@ -25,6 +25,9 @@ use regions::{memory_backend, memory_option, validate_regions};
 /// The id of the socket chardev the vhost-user device talks through.
 pub const CHARDEV_ID: &str = "gmemd0";
 
+/// [`QemuCommand::machine_type`] unless set otherwise.
+pub const DEFAULT_MACHINE_TYPE: &str = "pc";
+
 /// The trace event marking each step of a migration's downtime.
 pub const DOWNTIME_TRACE_EVENT: &str = "vmstate_downtime_checkpoint";
 
@@ -43,6 +46,7 @@ pub struct QemuCommand {
     initrd: Option<PathBuf>,
     append: Option<String>,
     accel: Accel,
+    machine_type: String,
     cpus: NonZeroU32,
     serial: SerialSink,
     qmp_socket: Option<PathBuf>,
@@ -73,6 +77,7 @@ impl QemuCommand {
             initrd: None,
             append: None,
             accel: Accel::default(),
+            machine_type: DEFAULT_MACHINE_TYPE.into(),
             cpus: NonZeroU32::MIN,
             serial: SerialSink::default(),
             qmp_socket: None,
@@ -125,6 +130,15 @@ impl QemuCommand {
     /// The accelerator (default TCG).
     pub fn accel(mut self, accel: Accel) -> Self {
         self.accel = accel;
+        self
+    }
+
+    /// The machine type (default `pc`, which each QEMU release resolves to
+    /// its own newest i440FX version). A live update to another QEMU
+    /// release needs the versioned type the guest started on, e.g.
+    /// `pc-i440fx-10.0`, since the new QEMU must build the same machine.
+    pub fn machine_type(mut self, machine_type: impl Into<String>) -> Self {
+        self.machine_type = machine_type.into();
         self
     }
 
@@ -215,7 +229,7 @@ impl QemuCommand {
         push("-smp", self.cpus.to_string());
         let main = &self.regions[0];
         let aux = if self.aux_ram_share { ",aux-ram-share=on" } else { "" };
-        push("-machine", format!("pc,memory-backend={}{aux}", main.id));
+        push("-machine", format!("{},memory-backend={}{aux}", self.machine_type, main.id));
         push("-m", memory_option(&self.regions));
         for region in &self.regions {
             push("-object", memory_backend(region));

@@ -352,30 +352,70 @@ fn reset_mode(qmp: &mut QmpClient) {
     }
 }
 
-/// `query-status` until it reports `wanted` (or `deadline`); fails on a run
-/// state that cannot lead there.
-fn wait_run_state(
-    qmp: &mut QmpClient,
-    wanted: &str,
-    deadline: Instant,
+/// When a hop step must be done by.
+#[derive(Debug, Clone, Copy)]
+struct Deadline {
+    at: Instant,
     timeout: Duration,
-) -> Result<Instant, LiveUpdateError> {
-    loop {
+}
+
+impl Deadline {
+    /// `timeout` from now.
+    fn after(timeout: Duration) -> Self {
+        Deadline { at: Instant::now() + timeout, timeout }
+    }
+
+    /// The time left, zero once passed.
+    fn left(&self) -> Duration {
+        self.at.saturating_duration_since(Instant::now())
+    }
+
+    /// The error for `what` not having happened in time.
+    fn missed(&self, what: &'static str) -> LiveUpdateError {
+        LiveUpdateError::Timeout { what, seconds: self.timeout.as_secs_f64() }
+    }
+
+    /// Calls `probe` every [`POLL_INTERVAL`] until it gives a value; fails
+    /// once the deadline has passed (`probe` runs at least once).
+    fn poll<T>(
+        &self,
+        what: &'static str,
+        mut probe: impl FnMut() -> Result<Option<T>, LiveUpdateError>,
+    ) -> Result<T, LiveUpdateError> {
+        loop {
+            if let Some(value) = probe()? {
+                return Ok(value);
+            }
+            if self.left().is_zero() {
+                return Err(self.missed(what));
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+}
+
+/// `query-status` until it reports `wanted` (when it did); fails on a run
+/// state that cannot lead there.
+fn wait_run_state(qmp: &mut QmpClient, wanted: &str, deadline: &Deadline) -> Result<Instant, LiveUpdateError> {
+    deadline.poll("the guest to run in the new QEMU", || {
         let state = qmp.query_status().map_err(LiveUpdateError::qmp("query-status on the new QEMU"))?;
         if state == wanted {
-            return Ok(Instant::now());
+            return Ok(Some(Instant::now()));
         }
-        if !matches!(state.as_str(), "inmigrate" | "prelaunch" | "finish-migrate") {
-            return Err(LiveUpdateError::NewQemuState { run_state: state });
+        match state.as_str() {
+            "inmigrate" | "prelaunch" | "finish-migrate" => Ok(None),
+            _ => Err(LiveUpdateError::NewQemuState { run_state: state }),
         }
-        if Instant::now() >= deadline {
-            return Err(LiveUpdateError::Timeout {
-                what: "the guest to run in the new QEMU",
-                seconds: timeout.as_secs_f64(),
-            });
-        }
-        std::thread::sleep(POLL_INTERVAL);
-    }
+    })
+}
+
+/// `name` in the hop's work directory, as an absolute path (QEMU may run
+/// elsewhere), with any file of that name from an earlier hop removed.
+fn work_file(options: &HopOptions, name: &str) -> Result<PathBuf, LiveUpdateError> {
+    let path = options.work_dir.join(name);
+    let path = std::path::absolute(&path).map_err(|source| LiveUpdateError::File { what: "locating", path, source })?;
+    remove_file(&path)?;
+    Ok(path)
 }
 
 /// The host timestamp of the last event `name` among `events`, µs since

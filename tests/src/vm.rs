@@ -44,6 +44,8 @@ pub struct VmOptions {
     pub incoming: bool,
     /// The QEMU binary; `None` is `qemu-system-x86_64` from PATH.
     pub qemu: Option<PathBuf>,
+    /// The machine type; `None` is [`QemuCommand`]'s default (`pc`).
+    pub machine_type: Option<String>,
     /// Ready for [`Vm::live_update`]: `aux-ram-share=on`, and the downtime
     /// trace in QEMU's log.
     pub cpr: bool,
@@ -60,6 +62,7 @@ impl VmOptions {
             netns: None,
             incoming: false,
             qemu: None,
+            machine_type: None,
             cpr: false,
         }
     }
@@ -139,6 +142,9 @@ impl Vm {
         if let Some(qemu) = &options.qemu {
             command = command.qemu_binary(qemu);
         }
+        if let Some(machine_type) = &options.machine_type {
+            command = command.machine_type(machine_type);
+        }
         Ok(command)
     }
 
@@ -148,6 +154,13 @@ impl Vm {
     /// VM's log. After a cpr-transfer this `Vm` is the new QEMU, and the
     /// old one (killed by the hop) is reaped. Needs [`VmOptions::cpr`].
     pub fn live_update(&mut self, gmemd: &Gmemd, mode: CprMode) -> Result<HopReport> {
+        self.live_update_to(gmemd, mode, self.options.qemu.clone())
+    }
+
+    /// [`live_update`](Self::live_update) to another QEMU binary (`None`:
+    /// the one on PATH), which this `Vm` runs from then on.
+    pub fn live_update_to(&mut self, gmemd: &Gmemd, mode: CprMode, qemu: Option<PathBuf>) -> Result<HopReport> {
+        self.options.qemu = qemu;
         let command = Vm::command(gmemd, &self.options, &self.serial, &self.qmp)?;
         let next = NextQemu::from_command(&command)?;
         let options = HopOptions {

@@ -1,7 +1,7 @@
 //! Live update of a guest doing block I/O: its QEMU is replaced three times
 //! while the `seqio` agent writes (cpr-transfer with the system's QEMU 10.0,
-//! cpr-exec with the QEMU 11 of scripts/qemu-next), guest RAM and disk
-//! staying in one gmemd throughout. QEMU, the guest and gmemd are real; the
+//! cpr-exec with the QEMU 11 of scripts/qemu-next), or upgraded from one to
+//! the other, guest RAM and disk staying in one gmemd throughout. QEMU, the guest and gmemd are real; the
 //! QMP sequences are gmem_qemu::live_update's.
 //!
 //! seqio writes numbered blocks to /dev/vda, keeps a running checksum in
@@ -13,9 +13,10 @@
 //! guest restarted from scratch prints its start line twice; a write the
 //! device ran twice or never shows in gmemd's byte counts.
 //!
-//! Both tests fail, not skip, without their QEMU (scripts/test provides
+//! The tests fail, not skip, without their QEMU (scripts/test provides
 //! both).
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
@@ -31,32 +32,34 @@ const BLOCKS: u64 = 16384;
 const START_AT: u64 = 1024;
 /// Blocks the guest writes between two hops.
 const BETWEEN_HOPS: u64 = 2048;
-const HOPS: usize = 3;
 /// Boot plus the whole run, generously (TCG on a busy 2-core host).
 const RUN_TIMEOUT: Duration = Duration::from_secs(180);
 /// The size of a virtio-blk request header, which the device reads from
 /// guest RAM for every request.
 const HEADER_BYTES: u64 = 16;
 
-/// Boots the seqio guest on a fresh gmemd with `qemu` (the system's when
-/// `None`), moves it `HOPS` times with `mode` while it writes, and checks
-/// everything. Returns the hops' reports.
-fn hops_lose_nothing(mode: CprMode, qemu: Option<std::path::PathBuf>, seed: u64) -> Result<Vec<HopReport>> {
+/// One hop: the mode, and the QEMU binary to move to (`None`: the
+/// system's).
+type Hop = (CprMode, Option<PathBuf>);
+
+/// Boots the seqio guest on a fresh gmemd with `options` (whose agent
+/// parameters are added here), moves it as `hops` say while it writes, and
+/// checks everything. Returns the hops' reports.
+fn hops_lose_nothing(options: VmOptions, hops: &[Hop], seed: u64) -> Result<Vec<HopReport>> {
     let gmemd = Gmemd::start(&GmemdOptions::default())?;
-    let options = VmOptions { qemu, cpr: true, ..VmOptions::new(mode.as_str(), "seqio") }
-        .param("blocks", BLOCKS)
-        .param("seed", seed);
+    let options = VmOptions { cpr: true, ..options }.param("blocks", BLOCKS).param("seed", seed);
     let mut vm = Vm::start(&gmemd, &options)?;
     let mut reports = Vec::new();
     let mut due = START_AT;
-    for hop in 1..=HOPS {
+    for (hop, (mode, qemu)) in (1..).zip(hops) {
+        let (mode, qemu) = (*mode, qemu.clone());
         let results = vm.wait_for_progress(PROGRESS_KEY, due, RUN_TIMEOUT)?;
         let before = results.progress(PROGRESS_KEY).unwrap_or(0);
         ensure!(before < BLOCKS, "the guest finished before hop {hop}; raise BLOCKS");
         let old_pid = vm.pid();
-        let report = vm.live_update(&gmemd, mode).with_context(|| format!("hop {hop}"))?;
+        let report = vm.live_update_to(&gmemd, mode, qemu).with_context(|| format!("hop {hop}"))?;
         eprintln!("hop {hop} at block {before}: {}", serde_json::to_string(&report)?);
-        ensure!(report.old_pid == old_pid && report.new_pid == vm.pid(), "{report:?}");
+        ensure!(report.old_pid == old_pid && report.new_pid == vm.pid() && report.mode == mode, "{report:?}");
         match mode {
             CprMode::CprExec => ensure!(vm.pid() == old_pid, "cpr-exec keeps the pid: {report:?}"),
             CprMode::CprTransfer => ensure!(vm.pid() != old_pid, "cpr-transfer runs a new QEMU: {report:?}"),
@@ -109,16 +112,32 @@ fn verify(vm: &Vm, gmemd: &Gmemd, results: &AgentResults, seed: u64, last_hop_at
 
 #[test]
 fn cpr_transfer_three_hops_with_the_guest_writing_lose_nothing() -> Result<()> {
-    let reports = hops_lose_nothing(CprMode::CprTransfer, None, 31)?;
-    // A second QEMU does the slow part while the guest still runs.
+    let hops = [(CprMode::CprTransfer, None), (CprMode::CprTransfer, None), (CprMode::CprTransfer, None)];
+    let reports = hops_lose_nothing(VmOptions::new("cpr-transfer", "seqio"), &hops, 31)?;
+    // The second QEMU builds its machine while the guest still runs in the
+    // first: the guest pauses for a fraction of the handover.
     ensure!(reports.iter().all(|r| r.paused_ms.is_some_and(|p| p < r.handover_ms)), "{reports:?}");
     Ok(())
 }
 
 #[test]
 fn cpr_exec_three_hops_on_qemu_11_lose_nothing() -> Result<()> {
-    let qemu = qemu_next()?;
-    hops_lose_nothing(CprMode::CprExec, Some(qemu), 32)?;
+    let qemu = Some(qemu_next()?);
+    let hops = [(CprMode::CprExec, qemu.clone()), (CprMode::CprExec, qemu.clone()), (CprMode::CprExec, qemu.clone())];
+    hops_lose_nothing(VmOptions { qemu, ..VmOptions::new("cpr-exec", "seqio") }, &hops, 32)?;
+    Ok(())
+}
+
+/// What live update is for: the guest started on the system's QEMU 10.0
+/// (on a versioned machine type) moves to QEMU 11 by cpr-transfer, then
+/// execs QEMU 11 in place.
+#[test]
+fn a_running_guest_is_upgraded_from_qemu_10_to_11() -> Result<()> {
+    let qemu = Some(qemu_next()?);
+    let options = VmOptions { machine_type: Some("pc-i440fx-10.0".into()), ..VmOptions::new("upgrade", "seqio") };
+    let reports = hops_lose_nothing(options, &[(CprMode::CprTransfer, qemu.clone()), (CprMode::CprExec, qemu)], 33)?;
+    let versions: Vec<String> = reports.iter().map(|r| format!("{} -> {}", r.old_version, r.new_version)).collect();
+    ensure!(reports[0].old_version.major == 10 && reports[0].new_version.major == 11, "{versions:?}");
     Ok(())
 }
 
@@ -153,6 +172,9 @@ fn live_update_refuses_what_would_lose_the_guest() -> Result<()> {
     let mut old = Vm::start(&gmemd, &VmOptions { cpr: true, ..VmOptions::new("old", "idle") })?;
     let error = attempt(&mut old, CprMode::CprExec, &command("old", system, true)?)?;
     ensure!(matches!(error, LiveUpdateError::ModeUnsupported { .. }), "{error}");
+    // QEMU 11 would build pc-i440fx-11.1 from `-machine pc`, not 10.0's.
+    let error = attempt(&mut old, CprMode::CprTransfer, &command("old", &qemu_11, true)?)?;
+    ensure!(matches!(error, LiveUpdateError::MachineTypeMismatch { .. }), "{error}");
     drop(old);
 
     // QEMU 11 without aux-ram-share=on would exec and lose the ROMs.

@@ -162,6 +162,11 @@ struct VmArgs {
     /// Kernel command line (-append), e.g. 'console=ttyS0'.
     #[arg(long, value_name = "CMDLINE")]
     append: Option<String>,
+    /// Machine type: `pc` is each QEMU release's newest i440FX machine; a
+    /// guest to be live-updated to another QEMU release needs a versioned
+    /// one, e.g. pc-i440fx-10.0 (see `qemu-system-x86_64 -machine help`).
+    #[arg(long, value_name = "TYPE", default_value = gmem_qemu::cmdline::DEFAULT_MACHINE_TYPE)]
+    machine_type: String,
     /// Accelerator: tcg (-cpu max) or kvm (-cpu host).
     #[arg(long, value_name = "tcg|kvm", default_value = "tcg")]
     accel: Accel,
@@ -200,6 +205,7 @@ impl VmArgs {
         let mut cmd = QemuCommand::for_daemon(client)
             .context("building the QEMU command line from gmemd's replies")?
             .accel(self.accel)
+            .machine_type(&self.machine_type)
             .cpus(self.cpus)
             .serial(self.serial.clone())
             .reconnect_ms(self.reconnect_ms)

@@ -74,6 +74,7 @@ fn accelerators_and_options() {
         .append("console=ttyS0 quiet")
         .reconnect_ms(250)
         .aux_ram_share(true)
+        .machine_type("pc-i440fx-10.0")
         .downtime_trace(true)
         .extra_args(["-S"]);
     let args = kvm.to_args();
@@ -83,7 +84,7 @@ fn accelerators_and_options() {
     assert_eq!(value_of(&args, "-accel"), ["kvm"]);
     assert_eq!(value_of(&args, "-cpu"), ["host"]);
     assert_eq!(value_of(&args, "-smp"), ["4"]);
-    assert_eq!(value_of(&args, "-machine"), ["pc,memory-backend=ram0,aux-ram-share=on"]);
+    assert_eq!(value_of(&args, "-machine"), ["pc-i440fx-10.0,memory-backend=ram0,aux-ram-share=on"]);
     // The console is appended to, through a chardev (QemuOpts: comma doubled).
     assert_eq!(value_of(&args, "-serial"), ["chardev:serial0"]);
     assert_eq!(value_of(&args, "-chardev")[1], "file,id=serial0,path=/tmp/a,,b/serial.log,append=on");

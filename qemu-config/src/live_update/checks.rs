@@ -3,6 +3,8 @@
 
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::Command;
 
 use serde_json::{json, Value};
 
@@ -43,6 +45,7 @@ pub(super) fn check(qmp: &mut QmpClient, mode: CprMode, next: &NextQemu) -> Resu
     }
 
     shared_memory(qmp)?;
+    same_machine_type(qmp, next)?;
     let running_args = handle.cmdline().map_err(LiveUpdateError::process(pid))?;
     same_machine(running_args.get(1..).unwrap_or_default(), &next.args)?;
     same_ram(&handle, &next.args)?;
@@ -92,6 +95,56 @@ fn shared_memory(qmp: &mut QmpClient) -> Result<(), LiveUpdateError> {
         return Err(LiveUpdateError::NoAuxRamShare);
     }
     Ok(())
+}
+
+/// The new binary builds the machine type the guest runs on. An
+/// unversioned alias such as `pc` names each release's newest type, and the
+/// new QEMU refuses the state of another ("Machine type received is
+/// 'pc-i440fx-10.0' and local is 'pc-i440fx-11.1'"): after a cpr-exec no
+/// QEMU would be left to run the guest.
+fn same_machine_type(qmp: &mut QmpClient, next: &NextQemu) -> Result<(), LiveUpdateError> {
+    const DURING: &str = "qom-get /machine type";
+    let reply = qmp
+        .execute("qom-get", json!({ "path": "/machine", "property": "type" }))
+        .map_err(LiveUpdateError::qmp(DURING))?;
+    let running = reply
+        .as_str()
+        .map(|t| t.strip_suffix("-machine").unwrap_or(t).to_owned())
+        .ok_or_else(|| LiveUpdateError::Malformed { during: DURING, reply: reply.to_string() })?;
+    // The type is the leading bare word (or `type=`) of the last -machine
+    // that has one; QEMU merges repeated -machine options.
+    let requested = next
+        .args
+        .windows(2)
+        .rev()
+        .filter(|pair| pair[0] == "-machine")
+        .find_map(|pair| {
+            qemu_opts(&pair[1])
+                .into_iter()
+                .find(|(key, value)| value.is_empty() || key == "type")
+                .map(|(key, value)| if value.is_empty() { key } else { value })
+        })
+        .unwrap_or_else(|| crate::cmdline::DEFAULT_MACHINE_TYPE.to_owned());
+    let next_type = resolve_machine_alias(&next.binary, &requested)?;
+    if next_type != running {
+        return Err(LiveUpdateError::MachineTypeMismatch { running, next: next_type, requested });
+    }
+    Ok(())
+}
+
+/// What `binary` makes of machine type `name`: its `-machine help` says
+/// `pc    Standard PC (i440FX + PIIX, 1996) (alias of pc-i440fx-11.1)`.
+fn resolve_machine_alias(binary: &Path, name: &str) -> Result<String, LiveUpdateError> {
+    let out = Command::new(binary).args(["-machine", "help"]).output().map_err(|e| {
+        LiveUpdateError::BinaryUnusable { binary: binary.to_owned(), why: format!("running -machine help: {e}") }
+    })?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let alias = text
+        .lines()
+        .find(|line| line.split_whitespace().next() == Some(name))
+        .and_then(|line| line.split("(alias of ").nth(1))
+        .and_then(|rest| rest.split(')').next());
+    Ok(alias.unwrap_or(name).to_owned())
 }
 
 /// `args` without `-incoming VALUE` pairs, which differ between the QEMUs
@@ -229,20 +282,14 @@ mod tests {
         let with_incoming = strings(&["-m", "1G", "-qmp", "unix:q", "-incoming", "defer"]);
         assert!(same_machine(&next, &with_incoming).is_ok());
 
-        let other = strings(&["-m", "2G", "-qmp", "unix:q"]);
-        match same_machine(&other, &next) {
-            Err(LiveUpdateError::CommandLineMismatch { index, next, running }) => {
-                assert_eq!((index, next.as_deref(), running.as_deref()), (1, Some("1G"), Some("2G")));
-            }
+        // Where a mismatch is reported: index, new argument, running one.
+        let mismatch = |running: &[&str]| match same_machine(&strings(running), &next) {
+            Err(LiveUpdateError::CommandLineMismatch { index, next, running }) => (index, next, running),
             other => panic!("{other:?}"),
-        }
-        let more = strings(&["-m", "1G", "-qmp", "unix:q", "-S"]);
-        match same_machine(&more, &next) {
-            Err(LiveUpdateError::CommandLineMismatch { index, next, running }) => {
-                assert_eq!((index, next.as_deref(), running.as_deref()), (4, None, Some("-S")));
-            }
-            other => panic!("{other:?}"),
-        }
+        };
+        let text = |s: &str| Some(s.to_string());
+        assert_eq!(mismatch(&["-m", "2G", "-qmp", "unix:q"]), (1, text("1G"), text("2G")));
+        assert_eq!(mismatch(&["-m", "1G", "-qmp", "unix:q", "-S"]), (4, None, text("-S")));
     }
 
     #[test]

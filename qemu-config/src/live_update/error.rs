@@ -104,6 +104,21 @@ pub enum LiveUpdateError {
     /// refuse this for cpr-exec.
     #[error("the machine runs without aux-ram-share=on: its ROMs and ACPI tables would not be carried over; start QEMU with -machine ...,aux-ram-share=on (gmemctl --aux-ram-share)")]
     NoAuxRamShare,
+    /// The new QEMU would build another machine type than the guest runs
+    /// on, and refuse its state.
+    #[error(
+        "the guest runs on machine type {running}, but the new QEMU would build {next} from -machine {requested}; \
+         start guests meant for live update to another QEMU release with a versioned machine type \
+         (gmemctl --machine-type {running})"
+    )]
+    MachineTypeMismatch {
+        /// The running machine's type.
+        running: String,
+        /// What the new binary would build.
+        next: String,
+        /// What the new command line asks for.
+        requested: String,
+    },
     /// The new command line is not the running one: the new QEMU would
     /// build another machine and fail to load the guest's state.
     #[error(

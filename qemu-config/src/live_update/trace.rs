@@ -13,9 +13,9 @@
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::LiveUpdateError;
+use super::{Deadline, LiveUpdateError};
 use crate::cmdline::DOWNTIME_TRACE_EVENT;
 
 /// Where QEMU's downtime starts: the old QEMU begins to stop the guest.
@@ -51,14 +51,14 @@ impl LogMark {
     /// QEMU's downtime among the lines written since the mark, if they
     /// have both checkpoints.
     pub(super) fn downtime(&self) -> Result<Option<Duration>, LiveUpdateError> {
-        let deadline = Instant::now() + END_WAIT;
-        loop {
+        let waited = Deadline::after(END_WAIT).poll("QEMU's last downtime checkpoint", || {
             let text = self.read()?;
             let found = qemu_downtime(&text);
-            if found.is_some() || !text.contains(START) || Instant::now() >= deadline {
-                return Ok(found);
-            }
-            std::thread::sleep(super::POLL_INTERVAL * 10);
+            Ok((found.is_some() || !text.contains(START)).then_some(found))
+        });
+        match waited {
+            Err(LiveUpdateError::Timeout { .. }) => Ok(None),
+            other => other,
         }
     }
 

@@ -3,14 +3,15 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 use super::{
-    millis, paused_ms, remove_file, reset_mode, set_mode, wait_run_state, CprMode, Hop, HopOptions, HopReport,
-    LiveUpdateError, NextQemu, QemuVersion, Running, Step, POLL_INTERVAL,
+    millis, paused_ms, remove_file, reset_mode, set_mode, wait_run_state, work_file, CprMode, Deadline, Hop,
+    HopOptions, HopReport, LiveUpdateError, NextQemu, QemuVersion, Running, Step,
 };
+use crate::migration::{wait_for_status, MigrationStatus, Side};
 use crate::process::QemuProcess;
 use crate::qmp::QmpClient;
 
@@ -25,17 +26,8 @@ pub(super) fn run(
     options: &HopOptions,
     on_step: &mut dyn FnMut(Step),
 ) -> Result<Hop, LiveUpdateError> {
-    let deadline = Instant::now() + options.timeout;
-    let absolute = |name: &str| {
-        std::path::absolute(options.work_dir.join(name)).map_err(|source| LiveUpdateError::File {
-            what: "locating",
-            path: options.work_dir.join(name),
-            source,
-        })
-    };
-    let (main, cpr) = (absolute("cpr-main.sock")?, absolute("cpr.sock")?);
-    remove_file(&main)?;
-    remove_file(&cpr)?;
+    let deadline = Deadline::after(options.timeout);
+    let (main, cpr) = (work_file(options, "cpr-main.sock")?, work_file(options, "cpr.sock")?);
     let channel = |kind: &str, path: &Path| {
         json!({
             "channel-type": kind,
@@ -59,7 +51,7 @@ pub(super) fn run(
     let started = QemuProcess::spawn_argv(&next.binary, &args, Some(&next.qmp), &options.spawn)
         .map_err(LiveUpdateError::from)
         .and_then(|mut new| {
-            wait_listening(&mut new, &cpr, deadline, options)?;
+            wait_listening(&mut new, &cpr, &deadline)?;
             Ok(new)
         });
     let mut new = match started {
@@ -80,13 +72,13 @@ pub(super) fn run(
     }
     on_step(Step::Migrating);
 
-    let taken_over = connect_new(&mut qmp, &mut new, &keep, &next.qmp, deadline, options).and_then(|mut new_qmp| {
-        let at = wait_run_state(&mut new_qmp, &running.run_state, deadline, options.timeout)?;
+    let taken_over = connect_new(&mut qmp, &mut new, &keep, &next.qmp, &deadline).and_then(|mut new_qmp| {
+        let at = wait_run_state(&mut new_qmp, &running.run_state, &deadline)?;
         Ok((new_qmp, at))
     });
     let (mut new_qmp, at) = match taken_over {
         Ok(taken) => taken,
-        Err(e) => return Err(abandon(e, qmp, new, keep)),
+        Err(e) => return Err(abandon(e, qmp, new, keep, options.timeout)),
     };
     let handover = at.duration_since(began);
     on_step(Step::Running { after: handover });
@@ -100,11 +92,8 @@ pub(super) fn run(
     // the guest needs.
     let old = &running.handle;
     old.kill().map_err(LiveUpdateError::process(old.pid()))?;
-    if !old.wait_exit(options.timeout).map_err(LiveUpdateError::process(old.pid()))? {
-        return Err(LiveUpdateError::Timeout {
-            what: "the old QEMU to exit after SIGKILL",
-            seconds: options.timeout.as_secs_f64(),
-        });
+    if !old.wait_exit(deadline.left()).map_err(LiveUpdateError::process(old.pid()))? {
+        return Err(deadline.missed("the old QEMU to exit after SIGKILL"));
     }
     on_step(Step::OldStopped { pid: old.pid() });
     keep.discard();
@@ -133,17 +122,10 @@ pub(super) fn run(
 /// Waits until the new QEMU listens on the cpr channel's socket: `migrate`
 /// fails if it connects earlier, and a probe connection of ours would be
 /// taken for the channel. `/proc/<pid>/net/unix` lists listening sockets.
-fn wait_listening(
-    new: &mut QemuProcess,
-    socket: &Path,
-    deadline: Instant,
-    options: &HopOptions,
-) -> Result<(), LiveUpdateError> {
+fn wait_listening(new: &mut QemuProcess, socket: &Path, deadline: &Deadline) -> Result<(), LiveUpdateError> {
     let path = socket.to_string_lossy();
-    loop {
-        if let Some(status) = new.try_wait()? {
-            return Err(LiveUpdateError::NewQemuExited { mode: MODE, pid: new.pid(), status: Some(status) });
-        }
+    deadline.poll("the new QEMU to listen on the cpr channel", || {
+        exited(new)?;
         let table = std::fs::read_to_string(format!("/proc/{}/net/unix", new.pid()))
             .map_err(LiveUpdateError::process(new.pid()))?;
         // Num RefCount Protocol Flags Type St Inode Path; Flags 00010000 is
@@ -152,16 +134,15 @@ fn wait_listening(
             let fields: Vec<&str> = line.split_whitespace().collect();
             fields.get(3) == Some(&"00010000") && fields.get(7) == Some(&path.as_ref())
         });
-        if listening {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            return Err(LiveUpdateError::Timeout {
-                what: "the new QEMU to listen on the cpr channel",
-                seconds: options.timeout.as_secs_f64(),
-            });
-        }
-        std::thread::sleep(POLL_INTERVAL);
+        Ok(listening.then_some(()))
+    })
+}
+
+/// Fails if the new QEMU has exited.
+fn exited(new: &mut QemuProcess) -> Result<(), LiveUpdateError> {
+    match new.try_wait()? {
+        Some(status) => Err(LiveUpdateError::NewQemuExited { mode: MODE, pid: new.pid(), status: Some(status) }),
+        None => Ok(()),
     }
 }
 
@@ -174,56 +155,78 @@ fn connect_new(
     new: &mut QemuProcess,
     keep: &KeptSocket,
     path: &Path,
-    deadline: Instant,
-    options: &HopOptions,
+    deadline: &Deadline,
 ) -> Result<QmpClient, LiveUpdateError> {
-    loop {
-        if let Some(status) = new.try_wait()? {
-            return Err(LiveUpdateError::NewQemuExited { mode: MODE, pid: new.pid(), status: Some(status) });
-        }
+    deadline.poll("the new QEMU's QMP socket", || {
+        exited(new)?;
         if keep.replaced() {
             let alive = || matches!(new.try_wait(), Ok(None));
-            let left = deadline.saturating_duration_since(Instant::now());
-            return QmpClient::connect_while(path, left, alive)
+            return QmpClient::connect_while(path, deadline.left(), alive)
+                .map(Some)
                 .map_err(LiveUpdateError::qmp("connecting to the new QEMU's QMP"));
         }
         let info =
             old.execute("query-migrate", Value::Null).map_err(LiveUpdateError::qmp("query-migrate on the old QEMU"))?;
-        if info["status"] == "failed" {
-            return Err(LiveUpdateError::Failed {
+        match info["status"] == "failed" {
+            true => Err(LiveUpdateError::Failed {
                 mode: MODE,
                 error: info["error-desc"].as_str().map(str::to_owned),
                 run_state: String::new(),
-            });
+            }),
+            false => Ok(None),
         }
-        if Instant::now() >= deadline {
-            return Err(LiveUpdateError::Timeout {
-                what: "the new QEMU's QMP socket",
-                seconds: options.timeout.as_secs_f64(),
-            });
-        }
-        std::thread::sleep(POLL_INTERVAL);
-    }
+    })
 }
 
-/// After a failure once `migrate` was sent: if the old QEMU runs the guest
-/// (it resumes it when the migration fails), the new one is killed and the
-/// old QMP socket put back; otherwise the guest may be in the new QEMU,
-/// which is left running (detached) for someone to look at.
-fn abandon(error: LiveUpdateError, mut old: QmpClient, new: QemuProcess, keep: KeptSocket) -> LiveUpdateError {
-    let run_state = old.query_status().unwrap_or_else(|e| format!("unknown ({e})"));
-    if matches!(run_state.as_str(), "running" | "paused") {
-        drop(new);
-        keep.restore();
-        reset_mode(&mut old);
-        return match error {
-            LiveUpdateError::Failed { error, .. } => LiveUpdateError::Failed { mode: MODE, error, run_state },
-            other => other,
-        };
+/// After a failure once `migrate` was sent, finds out where the guest is:
+///
+/// - the new QEMU exited: the old one has the only copy of the device
+///   state. It resumes the guest by itself when the migration fails
+///   midway; when it had completed its side (`postmigrate`, the new QEMU
+///   failed to load), `cont` resumes it: nothing else touches the guest's
+///   RAM or disk any more.
+/// - the old QEMU runs the guest: the new one is killed.
+///
+/// Either way the old QMP socket file is put back and the mode reset. If
+/// the new QEMU lives and the old one does not run the guest, the guest
+/// may be in the new QEMU, which is left running (detached).
+fn abandon(
+    error: LiveUpdateError,
+    mut old: QmpClient,
+    mut new: QemuProcess,
+    keep: KeptSocket,
+    timeout: Duration,
+) -> LiveUpdateError {
+    // The old QEMU notices a dead peer a moment after it dies.
+    let finished = [MigrationStatus::Completed, MigrationStatus::Failed, MigrationStatus::Cancelled];
+    let outgoing = wait_for_status(&mut old, Side::Source, &finished, timeout).map(|info| info.status());
+    let (error, exited) = match exited(&mut new) {
+        Err(exit) => (exit, true),
+        Ok(()) => (error, false),
+    };
+    let mut run_state = old.query_status().unwrap_or_else(|e| format!("unknown ({e})"));
+    if exited && run_state == "postmigrate" && old.execute("cont", Value::Null).is_ok() {
+        run_state = old.query_status().unwrap_or_else(|e| format!("unknown ({e})"));
+        log::warn!("{MODE}: the new QEMU died after the old one had sent everything; resumed the guest in the old QEMU with cont");
     }
-    let pid = new.detach();
-    log::error!("{MODE} did not complete and the old QEMU is {run_state}: the new QEMU (pid {pid}) is left running");
-    error
+    if !matches!(run_state.as_str(), "running" | "paused") {
+        if !exited {
+            let pid = new.detach();
+            log::error!(
+                "{MODE} did not complete and the old QEMU is {run_state} (migration: {outgoing:?}): \
+                 the new QEMU (pid {pid}) is left running"
+            );
+        }
+        return error;
+    }
+    drop(new);
+    keep.restore();
+    reset_mode(&mut old);
+    let error = match error {
+        LiveUpdateError::Failed { error, .. } => error,
+        other => Some(other.to_string()),
+    };
+    LiveUpdateError::Failed { mode: MODE, error, run_state }
 }
 
 /// A second name for the running QEMU's QMP socket file.

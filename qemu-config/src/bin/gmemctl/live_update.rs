@@ -149,7 +149,7 @@ pub fn run(args: &LiveUpdateArgs, client: &mut ControlClient) -> Result<()> {
         let next = NextQemu::from_command(&command)?;
         let label = format!("hop {hop}/{} ({})", args.hops, args.mode);
         let Hop { qmp: new_qmp, spawned: new_process, report } =
-            live_update::hop(qmp, &next, &options, |step| show(&label, &step)).with_context(|| format!("{label}"))?;
+            live_update::hop(qmp, &next, &options, |step| show(&label, &step)).context(label.clone())?;
         eprintln!("{label}: {}", one_line(&report));
         qmp = new_qmp;
         // The QEMU the previous hop started is gone (killed by this one);
