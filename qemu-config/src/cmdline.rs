@@ -31,6 +31,10 @@ pub const DEFAULT_MACHINE_TYPE: &str = "pc";
 /// The trace event marking each step of a migration's downtime.
 pub const DOWNTIME_TRACE_EVENT: &str = "vmstate_downtime_checkpoint";
 
+/// What [`QemuCommand::downtime_trace`] adds: the event, traced to stderr,
+/// with timestamps.
+pub const DOWNTIME_TRACE_ARGS: [&str; 4] = ["-trace", DOWNTIME_TRACE_EVENT, "-msg", "timestamp=on"];
+
 /// A QEMU command line attaching a VM to gmemd's RAM and vhost-user socket.
 ///
 /// Built with [`QemuCommand::new`] or [`QemuCommand::for_daemon`], tuned with
@@ -259,8 +263,7 @@ impl QemuCommand {
             push("-append", append.clone());
         }
         if self.downtime_trace {
-            push("-trace", DOWNTIME_TRACE_EVENT.into());
-            push("-msg", "timestamp=on".into());
+            args.extend(DOWNTIME_TRACE_ARGS.map(String::from));
         }
         args.extend(self.extra_args.iter().cloned());
         args

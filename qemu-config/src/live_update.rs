@@ -26,12 +26,14 @@
 //! `query-regions` (see [`NextQemu::from_command`]).
 //!
 //! Before changing anything a hop checks what would otherwise lose the
-//! guest ([`LiveUpdateError`] says which): the mode exists in the running
-//! QEMU and the new binary is new enough, every memory backend is
-//! `share=on` and the machine has `aux-ram-share=on` (QEMU 11 accepts a
-//! cpr-exec without them and the new image then runs without the guest's
-//! RAM or ROMs), the new command line is the running one, and every
-//! `mem-path` in it leads to memory the running QEMU has mapped.
+//! guest ([`LiveUpdateError`] says which): the new binary is new enough for
+//! the mode and builds the machine type the guest runs on, every memory
+//! backend is `share=on` and the machine has `aux-ram-share=on` (QEMU 11
+//! accepts a cpr-exec without them and the new image then runs without the
+//! guest's RAM or ROMs), the new command line is the running one, and
+//! every `mem-path` in it leads to memory the running QEMU has mapped. A
+//! running QEMU without the mode refuses `migrate-set-parameters`, the
+//! first change.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -337,17 +339,25 @@ struct Running {
     run_state: String,
 }
 
-/// Sets the migration mode (and for cpr-exec the command).
-fn set_mode(qmp: &mut QmpClient, parameters: Value) -> Result<(), LiveUpdateError> {
-    qmp.execute("migrate-set-parameters", parameters)
-        .map_err(LiveUpdateError::qmp("migrate-set-parameters on the running QEMU"))?;
-    Ok(())
+/// Sets the migration mode (and for cpr-exec the command): the hop's first
+/// change to the running QEMU. A QEMU without the mode refuses it, which
+/// is how the hop finds out (`query-qmp-schema` would say so up front, but
+/// building it holds QEMU's big lock for some 70 ms, a stall of the guest).
+fn set_mode(qmp: &mut QmpClient, running: &Running, mode: CprMode, parameters: Value) -> Result<(), LiveUpdateError> {
+    match qmp.execute("migrate-set-parameters", parameters) {
+        Ok(_) => Ok(()),
+        Err(QmpError::Command { desc, .. }) if desc.contains("'mode'") => {
+            Err(LiveUpdateError::ModeUnsupported { mode, version: running.version, qemu_says: desc })
+        }
+        Err(source) => Err(LiveUpdateError::Qmp { during: "migrate-set-parameters on the running QEMU", source }),
+    }
 }
 
 /// Back to `mode: normal` after a hop that did not happen, so that the
 /// next plain migration of this QEMU is not a CPR one by surprise.
 fn reset_mode(qmp: &mut QmpClient) {
-    if let Err(e) = set_mode(qmp, json!({ "mode": "normal" })) {
+    let normal = qmp.execute("migrate-set-parameters", json!({ "mode": "normal" }));
+    if let Err(e) = normal {
         log::warn!("could not set the migration mode back to normal: {e}");
     }
 }

@@ -160,8 +160,8 @@ impl Vm {
     /// [`live_update`](Self::live_update) to another QEMU binary (`None`:
     /// the one on PATH), which this `Vm` runs from then on.
     pub fn live_update_to(&mut self, gmemd: &Gmemd, mode: CprMode, qemu: Option<PathBuf>) -> Result<HopReport> {
-        self.options.qemu = qemu;
-        let command = Vm::command(gmemd, &self.options, &self.serial, &self.qmp)?;
+        let after = VmOptions { qemu, ..self.options.clone() };
+        let command = Vm::command(gmemd, &after, &self.serial, &self.qmp)?;
         let next = NextQemu::from_command(&command)?;
         let options = HopOptions {
             trace_log: Some(self.qemu_log.clone()),
@@ -179,6 +179,7 @@ impl Vm {
         if let Some(new) = hop.spawned {
             self.qemu = new;
         }
+        self.options = after;
         Ok(hop.report)
     }
 

@@ -147,51 +147,46 @@ fn a_running_guest_is_upgraded_from_qemu_10_to_11() -> Result<()> {
 fn live_update_refuses_what_would_lose_the_guest() -> Result<()> {
     let qemu_11 = qemu_next()?;
     let gmemd = Gmemd::start(&GmemdOptions::default())?;
-    let attempt = |vm: &mut Vm, mode: CprMode, next: &QemuCommand| -> Result<LiveUpdateError> {
-        let next = NextQemu::from_command(next)?;
-        let options = HopOptions::new(mode, gmemd.dir.path());
-        let outcome = live_update::hop(vm.qmp()?, &next, &options, |_| {});
+    // Expects `outcome` to be the refusal `expected` says, with the guest's
+    // QEMU still there and running.
+    let refused = |vm: &mut Vm, outcome: Result<HopReport>, expected: fn(&LiveUpdateError) -> bool| -> Result<()> {
         let error = outcome.err().context("the hop was not refused")?;
-        eprintln!("{mode}: refused: {error}");
-        let mut qmp = vm.qmp()?;
-        let state = qmp.query_status()?;
-        ensure!(matches!(state.as_str(), "running" | "prelaunch"), "the guest's QEMU is {state} after the refusal");
-        Ok(error)
+        let refusal = error.downcast_ref::<LiveUpdateError>().with_context(|| format!("{error:#}"))?;
+        eprintln!("refused: {refusal}");
+        ensure!(expected(refusal), "refused for another reason: {refusal}");
+        let state = vm.qmp()?.query_status()?;
+        ensure!(state == "running", "the guest's QEMU is {state} after the refusal");
+        Ok(())
     };
-    let command = |name: &str, qemu: &std::path::Path, aux: bool| -> Result<QemuCommand> {
-        let dir = gmemd.dir.path();
-        Ok(QemuCommand::for_daemon(&mut gmemd.client()?)?
-            .qemu_binary(qemu)
-            .serial(gmem_qemu::SerialSink::None)
-            .qmp(dir.join(format!("{name}.qmp")))
-            .aux_ram_share(aux))
-    };
+    // QEMU 11 would build pc-i440fx-11.1 from `-machine pc`, not 10.0's;
+    // a new command line that is not the running one would not load either.
+    let mut vm = Vm::start(&gmemd, &VmOptions { cpr: true, ..VmOptions::new("pc", "idle") })?;
+    let outcome = vm.live_update_to(&gmemd, CprMode::CprTransfer, Some(qemu_11.clone()));
+    refused(&mut vm, outcome, |e| matches!(e, LiveUpdateError::MachineTypeMismatch { .. }))?;
+    let other = QemuCommand::for_daemon(&mut gmemd.client()?)?.aux_ram_share(true).qmp(vm.qmp_path());
+    let options = HopOptions::new(CprMode::CprTransfer, gmemd.dir.path());
+    let outcome = live_update::hop(vm.qmp()?, &NextQemu::from_command(&other)?, &options, |_| {})
+        .map(|hop| hop.report)
+        .map_err(anyhow::Error::from);
+    refused(&mut vm, outcome, |e| matches!(e, LiveUpdateError::CommandLineMismatch { .. }))?;
+    drop(vm);
 
-    // QEMU 10.0 has no cpr-exec.
-    let system = std::path::Path::new("qemu-system-x86_64");
-    let mut old = Vm::start(&gmemd, &VmOptions { cpr: true, ..VmOptions::new("old", "idle") })?;
-    let error = attempt(&mut old, CprMode::CprExec, &command("old", system, true)?)?;
-    ensure!(matches!(error, LiveUpdateError::ModeUnsupported { .. }), "{error}");
-    // QEMU 11 would build pc-i440fx-11.1 from `-machine pc`, not 10.0's.
-    let error = attempt(&mut old, CprMode::CprTransfer, &command("old", &qemu_11, true)?)?;
-    ensure!(matches!(error, LiveUpdateError::MachineTypeMismatch { .. }), "{error}");
-    drop(old);
+    // QEMU 10.0 cannot exec, into QEMU 11 or any other, even on a machine
+    // type QEMU 11 has.
+    let pinned =
+        VmOptions { cpr: true, machine_type: Some("pc-i440fx-10.0".into()), ..VmOptions::new("pinned", "idle") };
+    let mut vm = Vm::start(&gmemd, &pinned)?;
+    let outcome = vm.live_update_to(&gmemd, CprMode::CprExec, Some(qemu_11.clone()));
+    refused(&mut vm, outcome, |e| matches!(e, LiveUpdateError::ModeUnsupported { .. }))?;
+    let outcome = vm.live_update_to(&gmemd, CprMode::CprExec, None);
+    refused(&mut vm, outcome, |e| matches!(e, LiveUpdateError::BinaryTooOld { .. }))?;
+    drop(vm);
 
     // QEMU 11 without aux-ram-share=on would exec and lose the ROMs.
-    let mut no_aux = Vm::start(&gmemd, &VmOptions { qemu: Some(qemu_11.clone()), ..VmOptions::new("noaux", "idle") })?;
+    let mut vm = Vm::start(&gmemd, &VmOptions { qemu: Some(qemu_11.clone()), ..VmOptions::new("noaux", "idle") })?;
     for mode in [CprMode::CprExec, CprMode::CprTransfer] {
-        let error = attempt(&mut no_aux, mode, &command("noaux", &qemu_11, false)?)?;
-        ensure!(matches!(error, LiveUpdateError::NoAuxRamShare), "{error}");
+        let outcome = vm.live_update(&gmemd, mode);
+        refused(&mut vm, outcome, |e| matches!(e, LiveUpdateError::NoAuxRamShare))?;
     }
-    drop(no_aux);
-
-    // A new binary without cpr-exec, or another command line (here: no
-    // kernel, no console) would not load the guest.
-    let mut vm =
-        Vm::start(&gmemd, &VmOptions { qemu: Some(qemu_11.clone()), cpr: true, ..VmOptions::new("vm", "idle") })?;
-    let error = attempt(&mut vm, CprMode::CprExec, &command("vm", system, true)?)?;
-    ensure!(matches!(error, LiveUpdateError::BinaryTooOld { .. }), "{error}");
-    let error = attempt(&mut vm, CprMode::CprExec, &command("vm", &qemu_11, true)?)?;
-    ensure!(matches!(error, LiveUpdateError::CommandLineMismatch { .. }), "{error}");
     Ok(())
 }

@@ -65,7 +65,7 @@ impl SerialSink {
     /// The QEMU options: `-serial stdio|none`, or a `file` chardev with
     /// `append=on` and `-serial chardev:ID` (`-serial file:` would truncate
     /// the log each time a QEMU opens it).
-    pub(super) fn qemu_args(&self) -> Vec<String> {
+    pub fn qemu_args(&self) -> Vec<String> {
         let serial = |value: &str| vec!["-serial".to_string(), value.to_string()];
         match self {
             SerialSink::Stdio => serial("stdio"),

@@ -35,10 +35,6 @@ pub(super) fn check(qmp: &mut QmpClient, mode: CprMode, next: &NextQemu) -> Resu
         }
     }
 
-    let offered = migration_modes(qmp)?;
-    if !offered.iter().any(|m| m == mode.as_str()) {
-        return Err(LiveUpdateError::ModeUnsupported { mode, version, offered });
-    }
     let next_version = QemuVersion::of_binary(&next.binary)?;
     if next_version < mode.min_version() {
         return Err(LiveUpdateError::BinaryTooOld { binary: next.binary.clone(), version: next_version, mode });
@@ -50,30 +46,6 @@ pub(super) fn check(qmp: &mut QmpClient, mode: CprMode, next: &NextQemu) -> Resu
     same_machine(running_args.get(1..).unwrap_or_default(), &next.args)?;
     same_ram(&handle, &next.args)?;
     Ok(Running { handle, version, run_state })
-}
-
-/// The migration modes the QEMU offers: the values of the `mode` member of
-/// `migrate-set-parameters`' argument type, from `query-qmp-schema` (type
-/// names there are masked, so the walk goes by reference).
-fn migration_modes(qmp: &mut QmpClient) -> Result<Vec<String>, LiveUpdateError> {
-    const DURING: &str = "query-qmp-schema on the running QEMU";
-    let schema = qmp.execute("query-qmp-schema", Value::Null).map_err(LiveUpdateError::qmp(DURING))?;
-    let entries = schema.as_array().map(Vec::as_slice).unwrap_or_default();
-    let named = |name: &str| entries.iter().find(|e| e["name"] == name);
-    let modes = named("migrate-set-parameters")
-        .and_then(|command| named(command["arg-type"].as_str()?))
-        .and_then(|arguments| {
-            let members = arguments["members"].as_array()?;
-            let mode = members.iter().find(|m| m["name"] == "mode")?;
-            named(mode["type"].as_str()?)
-        })
-        .and_then(|enumeration| {
-            // QEMU 10 lists both `members` ({name}) and the older `values`.
-            let members = enumeration["members"].as_array()?;
-            members.iter().map(|m| m["name"].as_str().map(str::to_owned)).collect()
-        });
-    // A QEMU without the `mode` parameter (before 8.2) has no CPR at all.
-    Ok(modes.unwrap_or_default())
 }
 
 /// Every memory backend is `share=on` and the machine has `aux-ram-share=on`:

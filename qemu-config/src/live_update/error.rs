@@ -11,7 +11,7 @@ use crate::qmp::QmpError;
 
 /// Why a live update hop was refused or failed.
 ///
-/// The variants up to [`Refused`](Self::Refused) are checks that run before
+/// The variants up to [`Refused`](Self::Refused) are refusals before
 /// anything changes: the guest keeps running where it was.
 #[derive(Debug, thiserror::Error)]
 pub enum LiveUpdateError {
@@ -61,8 +61,7 @@ pub enum LiveUpdateError {
     },
     /// The running QEMU does not have the migration mode.
     #[error(
-        "the running QEMU ({version}) does not offer migration mode {mode} (it has: {}); {mode} needs QEMU {} or later",
-        offered.join(", "),
+        "the running QEMU ({version}) does not offer migration mode {mode} ({qemu_says}); {mode} needs QEMU {} or later",
         mode.min_version()
     )]
     ModeUnsupported {
@@ -70,8 +69,8 @@ pub enum LiveUpdateError {
         mode: CprMode,
         /// The running QEMU's version.
         version: QemuVersion,
-        /// The modes it has.
-        offered: Vec<String>,
+        /// QEMU's refusal of `migrate-set-parameters`.
+        qemu_says: String,
     },
     /// The new QEMU binary cannot be run or its version read.
     #[error("cannot use {binary} as the new QEMU: {why}")]

@@ -29,7 +29,7 @@ pub(super) fn run(
     let mut command = vec![next.binary.to_string_lossy().into_owned()];
     command.extend(next.args.iter().cloned());
     command.extend(["-incoming".to_string(), uri.clone()]);
-    set_mode(&mut qmp, json!({ "mode": MODE.as_str(), "cpr-exec-command": command }))?;
+    set_mode(&mut qmp, running, MODE, json!({ "mode": MODE.as_str(), "cpr-exec-command": command }))?;
 
     let started = Instant::now();
     match qmp.execute("migrate", json!({ "uri": uri })) {

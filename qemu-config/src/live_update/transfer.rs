@@ -43,11 +43,17 @@ pub(super) fn run(
         cpr_channel.to_string(),
     ]);
 
+    set_mode(&mut qmp, running, MODE, json!({ "mode": MODE.as_str() }))?;
     // The new QEMU replaces the QMP socket file with its own as soon as it
     // has the cpr state; a link to the old one puts it back if the hop
     // fails and the guest stays where it is.
-    let keep = KeptSocket::new(&next.qmp)?;
-    set_mode(&mut qmp, json!({ "mode": MODE.as_str() }))?;
+    let keep = match KeptSocket::new(&next.qmp) {
+        Ok(keep) => keep,
+        Err(e) => {
+            reset_mode(&mut qmp);
+            return Err(e);
+        }
+    };
     let started = QemuProcess::spawn_argv(&next.binary, &args, Some(&next.qmp), &options.spawn)
         .map_err(LiveUpdateError::from)
         .and_then(|mut new| {
@@ -58,6 +64,7 @@ pub(super) fn run(
         Ok(new) => new,
         Err(e) => {
             reset_mode(&mut qmp);
+            keep.restore();
             return Err(e);
         }
     };
@@ -270,10 +277,15 @@ impl KeptSocket {
         }
     }
 
-    /// Puts the old socket file back at the path.
+    /// Puts the old socket file back at the path if another took its
+    /// place, and drops the second name.
     fn restore(self) {
         if let Some((kept, _)) = &self.kept {
-            if let Err(e) = std::fs::rename(kept, &self.path) {
+            let put_back = match self.replaced() {
+                true => std::fs::rename(kept, &self.path),
+                false => std::fs::remove_file(kept),
+            };
+            if let Err(e) = put_back {
                 log::warn!(
                     "could not put the old QMP socket back at {}: {e}; it is at {}",
                     self.path.display(),
