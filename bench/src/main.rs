@@ -3,6 +3,7 @@
 
 mod backends;
 mod compare;
+mod cpr;
 mod figures;
 mod host;
 mod hostside;
@@ -53,7 +54,8 @@ they are not the backends' or the disk's physical limits.";
 ///
 /// `gmem-bench migration` measures live migration instead (precopy and
 /// postcopy, direct and delayed link, gmemd and qemu-storage-daemon); see
-/// `gmem-bench migration --help`.
+/// `gmem-bench migration --help`. `gmem-bench cpr` measures the downtime of
+/// a QEMU live update (cpr-transfer, cpr-exec); see `gmem-bench cpr --help`.
 #[derive(Debug, Parser)]
 #[command(
     verbatim_doc_comment,
@@ -72,6 +74,7 @@ struct Cli {
 enum Command {
     Migration(migration::Args),
     Host(hostside::Args),
+    Cpr(cpr::Args),
 }
 
 const EXAMPLES: &str = "Examples:
@@ -79,6 +82,7 @@ const EXAMPLES: &str = "Examples:
   cargo run --release -p gmem-bench -- --gmemd-only --runs 1 --mib 32 --randreads 1000
   cargo run --release -p gmem-bench -- migration --runs 3
   cargo run --release -p gmem-bench -- host --quick
+  cargo run --release -p gmem-bench -- cpr --runs 3
 
 Needs qemu-system-x86_64 and (unless --gmemd-only) qemu-storage-daemon on PATH;
 the first run builds the guest image and gmemd, which takes a while.";
@@ -88,6 +92,7 @@ fn main() -> Result<()> {
     let build = match &cli.command {
         Some(Command::Migration(args)) => args.backends.gmemd_build,
         Some(Command::Host(args)) => args.backends.gmemd_build,
+        Some(Command::Cpr(args)) => args.backends.gmemd_build,
         None => cli.compare.backends.gmemd_build,
     };
     if build == GmemdBuild::Release {
@@ -97,6 +102,7 @@ fn main() -> Result<()> {
     match cli.command {
         Some(Command::Migration(args)) => migration::run(args),
         Some(Command::Host(args)) => hostside::run(args),
+        Some(Command::Cpr(args)) => cpr::run(args),
         None => compare::run(cli.compare),
     }
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use gmem_qemu::quote::{qemu_opt_value, shell_join};
+use gmem_qemu::SerialSink;
 use gmem_tests::{AgentResults, GuestImage};
 
 use crate::backends::{Run, Workload, QEMU};
@@ -150,6 +151,8 @@ pub struct Machine<'a> {
     pub image: &'a GuestImage,
     /// The kernel command line (the agent and its parameters).
     pub append: &'a str,
+    /// `aux-ram-share=on`, for a live update (cpr).
+    pub aux_ram_share: bool,
 }
 
 /// QEMU for a qsd run: the same machine as the gmemd run, but QEMU owns
@@ -163,7 +166,7 @@ pub fn qsd_qemu_args(machine: &Machine<'_>, socket: &Path, serial: &Path) -> Vec
         "-smp".into(),
         machine.cpus.to_string(),
         "-machine".into(),
-        "pc,memory-backend=ram0".into(),
+        format!("pc,memory-backend=ram0{}", if machine.aux_ram_share { ",aux-ram-share=on" } else { "" }),
         "-m".into(),
         format!("{bytes}B"),
         "-object".into(),
@@ -172,8 +175,10 @@ pub fn qsd_qemu_args(machine: &Machine<'_>, socket: &Path, serial: &Path) -> Vec
         format!("socket,id=qsd0,path={},reconnect-ms=1000", qemu_opt_value(&socket)),
         "-device".into(),
         "vhost-user-blk-pci,chardev=qsd0,num-queues=1".into(),
-        "-serial".into(),
-        format!("file:{}", serial.display()),
+    ]);
+    // The same console as gmemd's QEMU gets: appended to, through a chardev.
+    args.extend(SerialSink::File(serial.to_owned()).qemu_args());
+    args.extend([
         "-kernel".into(),
         machine.image.kernel.display().to_string(),
         "-initrd".into(),
@@ -200,6 +205,11 @@ impl ScratchDir {
 }
 
 impl ScratchDir {
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
     /// `name` inside the directory.
     pub fn join(&self, name: &str) -> PathBuf {
         self.0.join(name)
@@ -246,7 +256,8 @@ pub fn run_qsd(work: &Workload, image: &GuestImage, qsd: &Path) -> Result<Run> {
     let daemon_args = qsd_args(&disk, &socket, false);
     let _daemon = start_qsd(qsd, None, &daemon_args, &socket, &qsd_log)?;
     let append = work.append();
-    let machine = Machine { memory_mib: work.memory_mib, cpus: work.cpus, image, append: &append };
+    let machine =
+        Machine { memory_mib: work.memory_mib, cpus: work.cpus, image, append: &append, aux_ram_share: false };
     let qemu_args = qsd_qemu_args(&machine, &socket, &serial);
     let mut qemu = Guard::spawn("QEMU", None, Path::new(QEMU), &qemu_args, &qemu_log)?;
     let status = qemu.wait_timeout(work.timeout)?;

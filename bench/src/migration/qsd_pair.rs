@@ -106,7 +106,8 @@ impl QsdPair {
         let params = settings.agent_params(seed);
         let refs: Vec<(&str, &str)> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let append = agent_append("seqio", &refs);
-        let machine = Machine { memory_mib: settings.memory_mib, cpus: 1, image, append: &append };
+        let machine =
+            Machine { memory_mib: settings.memory_mib, cpus: 1, image, append: &append, aux_ram_share: false };
         let source = QsdHost::start("src", hosts.src_ns(), false, &disk, &machine, qsd, &dir)?;
         let dest = QsdHost::start("dst", hosts.dst_ns(), true, &disk, &machine, qsd, &dir)?;
         Ok(QsdPair { source, dest, hosts, _dir: dir })
