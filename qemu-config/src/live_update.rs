@@ -339,6 +339,20 @@ struct Running {
     run_state: String,
 }
 
+/// The QEMU version in `qmp`'s greeting.
+fn greeting_version(qmp: &QmpClient, during: &'static str) -> Result<QemuVersion, LiveUpdateError> {
+    QemuVersion::from_greeting(qmp.greeting())
+        .ok_or_else(|| LiveUpdateError::Malformed { during, reply: qmp.greeting().to_string() })
+}
+
+/// Removes a hop's file once the hop is done; a failure only leaves a
+/// file behind, so it is logged, not returned: the hop itself succeeded.
+fn clean_up(path: &Path) {
+    if let Err(e) = remove_file(path) {
+        log::warn!("{e}");
+    }
+}
+
 /// Sets the migration mode (and for cpr-exec the command): the hop's first
 /// change to the running QEMU. A QEMU without the mode refuses it, which
 /// is how the hop finds out (`query-qmp-schema` would say so up front, but

@@ -8,7 +8,7 @@ use std::process::Command;
 
 use serde_json::{json, Value};
 
-use super::{CprMode, LiveUpdateError, NextQemu, QemuVersion, Running};
+use super::{greeting_version, CprMode, LiveUpdateError, NextQemu, QemuVersion, Running};
 use crate::process::ProcessHandle;
 use crate::qmp::QmpClient;
 
@@ -20,8 +20,7 @@ pub(super) fn check(qmp: &mut QmpClient, mode: CprMode, next: &NextQemu) -> Resu
         .map_err(LiveUpdateError::qmp("reading the QMP peer's pid"))?
         .ok_or_else(|| LiveUpdateError::NoPeerPid { qmp: next.qmp.clone() })?;
     let handle = ProcessHandle::open(pid).map_err(LiveUpdateError::process(pid))?;
-    let version = QemuVersion::from_greeting(qmp.greeting())
-        .ok_or_else(|| LiveUpdateError::Malformed { during: "the QMP greeting", reply: qmp.greeting().to_string() })?;
+    let version = greeting_version(qmp, "the running QEMU's QMP greeting")?;
 
     let run_state = qmp.query_status().map_err(LiveUpdateError::qmp("query-status on the running QEMU"))?;
     if !matches!(run_state.as_str(), "running" | "paused") {

@@ -199,6 +199,13 @@ pub enum LiveUpdateError {
         /// Its run state, e.g. `internal-error`.
         run_state: String,
     },
+    /// After a cpr-transfer the old QEMU is not `postmigrate`, so it is not
+    /// killed.
+    #[error("the old QEMU is {run_state}, not postmigrate: it is left alone")]
+    OldNotHandedOver {
+        /// Its run state.
+        run_state: String,
+    },
     /// A step did not happen in time.
     #[error("timed out after {seconds:.1} s waiting for {what}")]
     Timeout {

@@ -6,8 +6,8 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 use super::{
-    is_disconnect, millis, paused_ms, remove_file, reset_mode, set_mode, wait_run_state, work_file, CprMode, Deadline,
-    Hop, HopOptions, HopReport, LiveUpdateError, NextQemu, QemuVersion, Running, Step,
+    clean_up, greeting_version, is_disconnect, millis, paused_ms, reset_mode, set_mode, wait_run_state, work_file,
+    CprMode, Deadline, Hop, HopOptions, HopReport, LiveUpdateError, NextQemu, Running, Step,
 };
 use crate::process::ProcessHandle;
 use crate::qmp::QmpClient;
@@ -55,16 +55,13 @@ pub(super) fn run(
             reply: format!("{} is served by another process than {pid}", next.qmp.display()),
         });
     }
+    let new_version = greeting_version(&new, "the QMP greeting after the exec")?;
     let now_running =
         wait_run_state(&mut new, &running.run_state, &deadline).map_err(|e| exited_or(e, &running.handle))?;
     let handover = now_running.duration_since(started);
     on_step(Step::Running { after: handover });
     let new_events = new.events().unwrap_or_default();
-    remove_file(&state)?;
-    let new_version = QemuVersion::from_greeting(new.greeting()).ok_or_else(|| LiveUpdateError::Malformed {
-        during: "the QMP greeting after the exec",
-        reply: new.greeting().to_string(),
-    })?;
+    clean_up(&state);
     Ok(Hop {
         report: HopReport {
             mode: MODE,

@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::{
-    millis, paused_ms, remove_file, reset_mode, set_mode, wait_run_state, work_file, CprMode, Deadline, Hop,
-    HopOptions, HopReport, LiveUpdateError, NextQemu, QemuVersion, Running, Step,
+    clean_up, greeting_version, millis, paused_ms, remove_file, reset_mode, set_mode, wait_run_state, work_file,
+    CprMode, Deadline, Hop, HopOptions, HopReport, LiveUpdateError, NextQemu, Running, Step,
 };
 use crate::migration::{wait_for_status, MigrationStatus, Side};
-use crate::process::QemuProcess;
+use crate::process::{ProcessHandle, QemuProcess};
 use crate::qmp::QmpClient;
 
 const MODE: CprMode = CprMode::CprTransfer;
@@ -80,36 +80,31 @@ pub(super) fn run(
     on_step(Step::Migrating);
 
     let taken_over = connect_new(&mut qmp, &mut new, &keep, &next.qmp, &deadline).and_then(|mut new_qmp| {
+        let version = greeting_version(&new_qmp, "the new QEMU's QMP greeting")?;
         let at = wait_run_state(&mut new_qmp, &running.run_state, &deadline)?;
-        Ok((new_qmp, at))
+        Ok((new_qmp, version, at))
     });
-    let (mut new_qmp, at) = match taken_over {
+    let (mut new_qmp, new_version, at) = match taken_over {
         Ok(taken) => taken,
         Err(e) => return Err(abandon(e, qmp, new, keep, options.timeout)),
     };
     let handover = at.duration_since(began);
     on_step(Step::Running { after: handover });
 
+    // From here on the guest runs in the new QEMU. Nothing left may fail
+    // the hop: the error would drop, that is kill, the new QEMU.
     let old_events = qmp.events().unwrap_or_default();
     let new_events = new_qmp.events().unwrap_or_default();
-    drop(qmp);
-    // Killed, not quit: an orderly exit removes the socket files (QMP,
-    // chardevs) and pidfile the old QEMU created, and the new QEMU has
-    // re-created them at the same paths. In postmigrate it holds nothing
-    // the guest needs.
     let old = &running.handle;
-    old.kill().map_err(LiveUpdateError::process(old.pid()))?;
-    if !old.wait_exit(deadline.left()).map_err(LiveUpdateError::process(old.pid()))? {
-        return Err(deadline.missed("the old QEMU to exit after SIGKILL"));
+    match stop_old(qmp, old, &deadline) {
+        Ok(()) => on_step(Step::OldStopped { pid: old.pid() }),
+        Err(e) => {
+            log::error!("the guest runs in QEMU {}, but the old QEMU {} was not stopped: {e}", new.pid(), old.pid())
+        }
     }
-    on_step(Step::OldStopped { pid: old.pid() });
     keep.discard();
-    remove_file(&main)?;
-    remove_file(&cpr)?;
-    let new_version = QemuVersion::from_greeting(new_qmp.greeting()).ok_or_else(|| LiveUpdateError::Malformed {
-        during: "the new QEMU's QMP greeting",
-        reply: new_qmp.greeting().to_string(),
-    })?;
+    clean_up(&main);
+    clean_up(&cpr);
     Ok(Hop {
         report: HopReport {
             mode: MODE,
@@ -124,6 +119,24 @@ pub(super) fn run(
         qmp: new_qmp,
         spawned: Some(new),
     })
+}
+
+/// Kills the old QEMU once it is `postmigrate` (it has handed the guest
+/// over) and waits for it to exit. Killed, not quit: an orderly exit
+/// removes the socket files (QMP, chardevs) and pidfile the old QEMU
+/// created, and the new QEMU has re-created them at the same paths.
+fn stop_old(mut qmp: QmpClient, old: &ProcessHandle, deadline: &Deadline) -> Result<(), LiveUpdateError> {
+    let run_state = qmp.query_status().map_err(LiveUpdateError::qmp("query-status on the old QEMU"))?;
+    if run_state != "postmigrate" {
+        return Err(LiveUpdateError::OldNotHandedOver { run_state });
+    }
+    drop(qmp);
+    old.kill().map_err(LiveUpdateError::process(old.pid()))?;
+    match old.wait_exit(deadline.left()) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(deadline.missed("the old QEMU to exit after SIGKILL")),
+        Err(e) => Err(LiveUpdateError::Process { pid: old.pid(), source: e }),
+    }
 }
 
 /// Waits until the new QEMU listens on the cpr channel's socket: `migrate`
