@@ -26,9 +26,10 @@ use guest::{GmemdGuest, Guest, QsdGuest};
 /// Each run boots the test guest under TCG with the `seqio` agent (a 4 KiB
 /// O_DIRECT write and read-back per block, a progress line every
 /// --progress-every blocks), waits until it has written 1024 blocks, then
-/// moves it --hops times to a new QEMU while it keeps writing, one hop
-/// every --blocks-between blocks, and checks at the end that the guest and
-/// the image lost nothing.
+/// moves it --hops times to a new QEMU while it keeps writing (hop k once
+/// it has written 1024 + (k-1) * --blocks-between blocks, or right after
+/// the previous hop if it got there meanwhile), and checks at the end that
+/// the guest and the image lost nothing.
 ///
 /// Scenarios (each run --runs times, in rounds through all of them, so
 /// that slow drift on the host hits every scenario alike):
@@ -87,8 +88,10 @@ pub struct Settings {
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     pub hops: u32,
 
-    /// Blocks the guest writes between two hops.
-    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Blocks the guest writes between two hops (at full speed about
+    /// 0.4 s; a hop itself takes longer, so hops mostly follow each other
+    /// at once, the guest writing throughout).
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
     pub blocks_between: u64,
 
     /// Blocks between two progress lines of the guest
@@ -107,9 +110,9 @@ pub struct Settings {
 
 /// The blocks written before the first hop.
 const START_AT: u64 = 1024;
-/// Blocks written after the last hop, so that the guest is still writing
-/// when it lands.
-const TAIL: u64 = 2048;
+/// Blocks written after the last hop is due, so that the guest is still
+/// writing when it lands.
+const TAIL: u64 = 4096;
 
 impl Settings {
     /// Blocks the guest writes in all.
@@ -276,6 +279,12 @@ struct Report {
 /// result.
 pub fn run(args: Args) -> Result<()> {
     let settings = args.settings;
+    anyhow::ensure!(
+        settings.disk_bytes() <= (settings.memory_mib << 20) / 2,
+        "{} blocks need {} MiB of RAM slots: more than half of --memory-mib",
+        settings.blocks(),
+        settings.disk_bytes() >> 20
+    );
     let mut scenarios: Vec<Scenario> = if args.scenarios.is_empty() {
         Scenario::ALL.to_vec()
     } else {
@@ -357,25 +366,30 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 /// Waits for the guest to be writing, then hops `settings.hops` times,
-/// one hop every `blocks_between` blocks, timing the console throughout.
+/// hop k due at block 1024 + (k-1) * `blocks_between`, timing the console throughout.
 fn measure(guest: &mut dyn Guest, mode: CprMode, settings: &Settings) -> Result<Vec<HopRecord>> {
     let clock = ProgressClock::start(vec![guest.serial()], PROGRESS_KEY, Duration::from_millis(1))?;
     let mut windows = Vec::new();
     let mut reports = Vec::new();
-    let mut due = START_AT;
-    for hop in 1..=settings.hops {
+    // Hop k is due at a fixed block; a hop that takes longer than the
+    // guest needs for --blocks-between makes the next one follow at once.
+    for (hop, due) in (1..=settings.hops).zip((START_AT..).step_by(settings.blocks_between as usize)) {
         let reached = clock
             .wait_for(settings.timeout(), |stamp| stamp.count >= due)
             .with_context(|| format!("the guest did not reach block {due} before hop {hop}"))?;
+        anyhow::ensure!(
+            reached.count + TAIL / 2 < settings.blocks(),
+            "the guest is at block {} of {} at hop {hop}: the hops outran the workload; raise --blocks-between",
+            reached.count,
+            settings.blocks()
+        );
         let began = Instant::now();
         reports.push(guest.hop(mode).with_context(|| format!("hop {hop}"))?);
         windows.push((began, Instant::now()));
-        due = reached.count + settings.blocks_between;
     }
     // A line after the last hop closes its gap.
-    clock
-        .wait_for(settings.timeout(), |stamp| stamp.count >= due)
-        .context("the guest's progress after the last hop")?;
+    let last = windows.last().map_or_else(Instant::now, |&(_, ended)| ended);
+    clock.wait_for(settings.timeout(), |stamp| stamp.at > last).context("the guest's progress after the last hop")?;
     let timeline = clock.stop()?;
     Ok(reports
         .into_iter()
