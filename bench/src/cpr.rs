@@ -253,6 +253,9 @@ struct FigureSummary {
 #[derive(Debug, Serialize)]
 struct ScenarioSummary {
     scenario: Scenario,
+    /// Hops measured in all; a figure may have fewer values (see
+    /// `HopReport::paused_ms`).
+    hops: usize,
     figures: Vec<FigureSummary>,
 }
 
@@ -344,7 +347,7 @@ pub fn run(args: Args) -> Result<()> {
 
     let summary: Vec<ScenarioSummary> = scenarios.iter().map(|&scenario| summarize(scenario, &runs)).collect();
     println!("\n{}", table(&summary));
-    println!("p50 / p90 / max over every hop of each scenario, ms. {TCG_NOTE}");
+    println!("over every hop of each scenario; p99 from 100 values. {TCG_NOTE}");
     let report = Report {
         tool: "gmem-bench",
         mode: "cpr",
@@ -411,6 +414,7 @@ fn summarize(scenario: Scenario, runs: &[RunRecord]) -> ScenarioSummary {
     let hops: Vec<&HopRecord> = runs.iter().filter(|r| r.scenario == scenario).flat_map(|r| &r.hops).collect();
     ScenarioSummary {
         scenario,
+        hops: hops.len(),
         figures: FIGURES
             .iter()
             .map(|figure| FigureSummary {
@@ -439,28 +443,26 @@ fn one_line(hops: &[HopRecord]) -> String {
 }
 
 /// A Markdown table: one row per figure, one column per scenario, each
-/// cell `p50 / p90 / max` (and p99 where there are enough hops).
+/// cell `p50 / p90 / p99 / max` (p99 from 100 values, and the count when a
+/// figure has fewer values than the scenario has hops).
 fn table(summary: &[ScenarioSummary]) -> String {
     let mut out = format!(
-        "| figure (ms) | {} |\n|---|{}\n",
-        summary
-            .iter()
-            .map(|s| {
-                let n = s.figures[0].distribution.as_ref().map_or(0, |d| d.n);
-                format!("{} (n={n})", s.scenario.name())
-            })
-            .collect::<Vec<_>>()
-            .join(" | "),
+        "| figure (ms): p50 / p90 / p99 / max | {} |\n|---|{}\n",
+        summary.iter().map(|s| format!("{} ({} hops)", s.scenario.name(), s.hops)).collect::<Vec<_>>().join(" | "),
         "---:|".repeat(summary.len())
     );
     for (row, figure) in FIGURES.iter().enumerate() {
         let cells: Vec<String> = summary
             .iter()
             .map(|s| match &s.figures[row].distribution {
-                Some(d) => match d.p99 {
-                    Some(p99) => format!("{:.1} / {:.1} / {p99:.1} / {:.1}", d.p50, d.p90, d.max),
-                    None => format!("{:.1} / {:.1} / {:.1}", d.p50, d.p90, d.max),
-                },
+                Some(d) => {
+                    let p99 = d.p99.map_or("–".to_string(), |p99| format!("{p99:.1}"));
+                    let n = match d.n == s.hops {
+                        true => String::new(),
+                        false => format!(" (n={})", d.n),
+                    };
+                    format!("{:.1} / {:.1} / {p99} / {:.1}{n}", d.p50, d.p90, d.max)
+                }
                 None => "–".to_string(),
             })
             .collect();
@@ -472,6 +474,25 @@ fn table(summary: &[ScenarioSummary]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_table_says_when_a_figure_has_fewer_values() {
+        let figures = FIGURES
+            .iter()
+            .enumerate()
+            .map(|(row, figure)| FigureSummary {
+                figure: figure.name,
+                unit: "ms",
+                distribution: Distribution::of((0..100 - row).map(|v| v as f64).collect()),
+            })
+            .collect();
+        let summary = ScenarioSummary { scenario: Scenario::ExecGmemd, hops: 100, figures };
+        let table = table(&[summary]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines[0], "| figure (ms): p50 / p90 / p99 / max | exec-gmemd (100 hops) |");
+        assert!(lines[2].ends_with("| 49.0 / 89.0 / 98.0 / 99.0 |"), "{table}");
+        assert!(lines[3].ends_with("| 49.0 / 89.0 / – / 98.0 (n=99) |"), "{table}");
+    }
 
     #[test]
     fn nearest_rank_percentiles() {
