@@ -335,7 +335,7 @@ pub fn run(args: Args) -> Result<()> {
                 Box::new(QsdGuest::start(&settings, &image, qemu, &args.backends.qsd, seed)?)
             };
             if !commands.iter().any(|(s, _)| *s == scenario) {
-                commands.push((scenario, guest.commands()));
+                commands.push((scenario, guest.commands()?));
             }
             let hops = measure(guest.as_mut(), scenario.mode(), &settings)
                 .and_then(|hops| guest.finish(&settings, seed).map(|()| hops))

@@ -10,7 +10,7 @@ use anyhow::{bail, ensure, Context, Result};
 use gmem_qemu::cmdline::DOWNTIME_TRACE_ARGS;
 use gmem_qemu::live_update::{self, HopOptions};
 use gmem_qemu::quote::{qemu_opt_value, shell_join};
-use gmem_qemu::{CprMode, HopReport, NextQemu, Output, QemuProcess, SpawnOptions};
+use gmem_qemu::{CprMode, HopReport, NextQemu, Output, ProcessHandle, QemuProcess, SpawnOptions};
 use gmem_tests::seqio::{self, SeqioReport};
 use gmem_tests::{agent_append, poll_until, AgentResults, Gmemd, GmemdOptions, GuestImage, Vm, VmOptions};
 
@@ -27,7 +27,7 @@ pub trait Guest {
     /// image's verdicts: a run that lost data measures nothing.
     fn finish(&mut self, settings: &Settings, seed: u64) -> Result<()>;
     /// The command lines that started the backend and QEMU.
-    fn commands(&self) -> Vec<String>;
+    fn commands(&self) -> Result<Vec<String>>;
 }
 
 /// The guest's agent, its verdict, and the image's.
@@ -76,14 +76,15 @@ impl Guest for GmemdGuest {
         check_results(&results, &self.gmemd.disk, settings, seed)
     }
 
-    fn commands(&self) -> Vec<String> {
-        let gmemd = &self.gmemd;
-        vec![format!(
-            "gmemd --socket {} --control {} --disk {} (harness's Gmemd::start); QEMU from its query-regions (Vm::start)",
-            gmemd.socket.display(),
-            gmemd.control.display(),
-            gmemd.disk.display()
-        )]
+    /// As the two processes run, from `/proc/<pid>/cmdline`.
+    fn commands(&self) -> Result<Vec<String>> {
+        [self.gmemd.pid(), self.vm.pid()]
+            .into_iter()
+            .map(|pid| {
+                let argv = ProcessHandle::open(pid)?.cmdline()?;
+                Ok(shell_join(argv))
+            })
+            .collect()
     }
 }
 
@@ -192,7 +193,7 @@ impl Guest for QsdGuest {
         check_results(&results, &self.dir.join("disk.raw"), settings, seed)
     }
 
-    fn commands(&self) -> Vec<String> {
-        self.commands.clone()
+    fn commands(&self) -> Result<Vec<String>> {
+        Ok(self.commands.clone())
     }
 }
