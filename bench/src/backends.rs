@@ -36,10 +36,19 @@ impl Workload {
 
     /// The guest kernel command line: agent `bench` with its parameters.
     pub fn append(&self) -> String {
-        let params = self.params();
-        let refs: Vec<(&str, &str)> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        agent_append("bench", &refs)
+        agent_command_line("bench", &self.params())
     }
+}
+
+/// The guest kernel command line that runs `agent` with `params`.
+pub fn agent_command_line(agent: &str, params: &[(&str, String)]) -> String {
+    let refs: Vec<(&str, &str)> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    agent_append(agent, &refs)
+}
+
+/// The scenarios asked for, in `all`'s order; all of them when none were.
+pub fn chosen<S: Copy + PartialEq>(all: &[S], asked: &[S]) -> Vec<S> {
+    all.iter().copied().filter(|s| asked.is_empty() || asked.contains(s)).collect()
 }
 
 /// One run's figures and the command lines that produced them.

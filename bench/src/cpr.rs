@@ -15,7 +15,7 @@ use gmem_tests::seqio::{BLOCK_BYTES, PROGRESS_KEY};
 use gmem_tests::{qemu_next, ProgressClock, ProgressTimeline};
 use serde::Serialize;
 
-use crate::backends::{BackendArgs, GmemdBuild, QEMU};
+use crate::backends::{chosen, BackendArgs, GmemdBuild, QEMU};
 use crate::host::{self, HostInfo};
 use crate::{results, TCG_NOTE};
 use guest::{GmemdGuest, Guest, QsdGuest};
@@ -288,11 +288,7 @@ pub fn run(args: Args) -> Result<()> {
         settings.blocks(),
         settings.disk_bytes() >> 20
     );
-    let mut scenarios: Vec<Scenario> = if args.scenarios.is_empty() {
-        Scenario::ALL.to_vec()
-    } else {
-        Scenario::ALL.into_iter().filter(|s| args.scenarios.contains(s)).collect()
-    };
+    let mut scenarios = chosen(&Scenario::ALL, &args.scenarios);
     if args.backends.gmemd_only {
         scenarios.retain(|s| s.gmemd());
     }

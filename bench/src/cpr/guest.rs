@@ -12,9 +12,10 @@ use gmem_qemu::live_update::{self, HopOptions};
 use gmem_qemu::quote::{qemu_opt_value, shell_join};
 use gmem_qemu::{CprMode, HopReport, NextQemu, Output, ProcessHandle, QemuProcess, SpawnOptions};
 use gmem_tests::seqio::{self, SeqioReport};
-use gmem_tests::{agent_append, poll_until, AgentResults, Gmemd, GmemdOptions, GuestImage, Vm, VmOptions};
+use gmem_tests::{poll_until, AgentResults, Gmemd, GmemdOptions, GuestImage, Vm, VmOptions};
 
 use super::Settings;
+use crate::backends::agent_command_line;
 use crate::qsd::{qsd_args, qsd_qemu_args, read, start_qsd, Guard, Machine, ScratchDir};
 
 /// A running guest that can be moved to a new QEMU.
@@ -109,9 +110,7 @@ impl QsdGuest {
         File::create(dir.join("disk.raw"))?.set_len(settings.disk_bytes())?;
         let daemon_args = qsd_args(&dir.join("disk.raw"), &dir.join("vhost.sock"), true);
         let daemon = start_qsd(qsd, None, &daemon_args, &dir.join("vhost.sock"), &dir.join("qsd-0.log"))?;
-        let params = settings.agent_params(seed);
-        let refs: Vec<(&str, &str)> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let append = agent_append("seqio", &refs);
+        let append = agent_command_line("seqio", &settings.agent_params(seed));
         let machine = Machine { memory_mib: settings.memory_mib, cpus: 1, image, append: &append, aux_ram_share: true };
         let qmp = dir.join("qemu.qmp");
         let mut args = qsd_qemu_args(&machine, &dir.join("vhost.sock"), &dir.join("serial"));

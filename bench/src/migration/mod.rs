@@ -21,7 +21,7 @@ use gmem_qemu::quote::shell_join;
 use gmem_tests::{DelayRelay, GmemdOptions, GuestImage, MigrationOptions, MigrationPair, VmOptions};
 use serde::Serialize;
 
-use crate::backends::{BackendArgs, GmemdBuild, QEMU};
+use crate::backends::{chosen, BackendArgs, GmemdBuild, QEMU};
 use crate::host::{self, HostInfo};
 use crate::{results, TCG_NOTE};
 use figures::{GapRecord, RunFigures};
@@ -130,11 +130,7 @@ struct Report {
 pub fn run(args: Args) -> Result<()> {
     let settings = args.settings;
     settings.check()?;
-    let mut scenarios: Vec<Scenario> = if args.scenarios.is_empty() {
-        Scenario::ALL.to_vec()
-    } else {
-        Scenario::ALL.into_iter().filter(|s| args.scenarios.contains(s)).collect()
-    };
+    let mut scenarios = chosen(&Scenario::ALL, &args.scenarios);
     if args.backends.gmemd_only {
         scenarios.retain(|s| s.backend() == Backend::Gmemd);
     }

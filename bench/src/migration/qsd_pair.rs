@@ -12,11 +12,11 @@ use anyhow::{Context, Result};
 use gmem_protocol::ControlClient;
 use gmem_qemu::quote::{qemu_opt_value, shell_join};
 use gmem_qemu::QmpClient;
-use gmem_tests::{agent_append, GuestImage, HostPair};
+use gmem_tests::{GuestImage, HostPair};
 
 use super::testbed::Testbed;
 use super::Settings;
-use crate::backends::QEMU;
+use crate::backends::{agent_command_line, QEMU};
 use crate::qsd::{qsd_args, qsd_qemu_args, read, start_qsd, Guard, Machine, ScratchDir};
 
 /// How long QEMU may take to open its QMP socket.
@@ -103,9 +103,7 @@ impl QsdPair {
         let dir = ScratchDir::new("gmem-bench-qsd-migration")?;
         let disk = dir.join("disk.raw");
         File::create(&disk)?.set_len(settings.disk_bytes())?;
-        let params = settings.agent_params(seed);
-        let refs: Vec<(&str, &str)> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let append = agent_append("seqio", &refs);
+        let append = agent_command_line("seqio", &settings.agent_params(seed));
         let machine =
             Machine { memory_mib: settings.memory_mib, cpus: 1, image, append: &append, aux_ram_share: false };
         let source = QsdHost::start("src", hosts.src_ns(), false, &disk, &machine, qsd, &dir)?;
