@@ -136,8 +136,7 @@ pub fn run(args: &LiveUpdateArgs, client: &mut ControlClient) -> Result<()> {
         ..HopOptions::new(args.mode, work_dir)
     };
 
-    let mut qmp = QmpClient::connect(&qmp_path, Duration::from_secs(5))
-        .with_context(|| format!("connecting to QEMU's QMP socket {}", qmp_path.display()))?;
+    let mut qmp = QmpClient::connect(&qmp_path, Duration::from_secs(5)).context("reaching the running QEMU")?;
     let mut spawned: Option<QemuProcess> = None;
     let mut reports = Vec::new();
     for hop in 1..=args.hops {
