@@ -136,9 +136,37 @@ pub fn run(args: &LiveUpdateArgs, client: &mut ControlClient) -> Result<()> {
         ..HopOptions::new(args.mode, work_dir)
     };
 
-    let mut qmp = QmpClient::connect(&qmp_path, Duration::from_secs(5)).context("reaching the running QEMU")?;
+    let qmp = QmpClient::connect(&qmp_path, Duration::from_secs(5)).context("reaching the running QEMU")?;
     let mut spawned: Option<QemuProcess> = None;
     let mut reports = Vec::new();
+    let outcome = hops(args, client, &options, qmp, &mut spawned, &mut reports);
+    // Whatever happened, a QEMU a hop started holds the guest (or the
+    // hop that failed left it there): it outlives gmemctl, and dropping
+    // its handle would kill it.
+    if let Some(process) = spawned {
+        let pid = process.detach();
+        eprintln!("the guest runs in QEMU {pid}, which gmemctl leaves running");
+    }
+    outcome?;
+    let result = LiveUpdateReport { mode: args.mode, hops: reports };
+    if args.json {
+        println!("{}", serde_json::to_string(&result)?);
+    } else {
+        print!("{}", summary(&result));
+    }
+    Ok(())
+}
+
+/// The hops, one after the other; `spawned` is the QEMU the last
+/// cpr-transfer started, `reports` grows with every hop done.
+fn hops(
+    args: &LiveUpdateArgs,
+    client: &mut ControlClient,
+    options: &HopOptions,
+    mut qmp: QmpClient,
+    spawned: &mut Option<QemuProcess>,
+    reports: &mut Vec<HopReport>,
+) -> Result<()> {
     for hop in 1..=args.hops {
         if hop > 1 {
             std::thread::sleep(args.interval.0);
@@ -148,26 +176,15 @@ pub fn run(args: &LiveUpdateArgs, client: &mut ControlClient) -> Result<()> {
         let next = NextQemu::from_command(&command)?;
         let label = format!("hop {hop}/{} ({})", args.hops, args.mode);
         let Hop { qmp: new_qmp, spawned: new_process, report } =
-            live_update::hop(qmp, &next, &options, |step| show(&label, &step)).context(label.clone())?;
+            live_update::hop(qmp, &next, options, |step| show(&label, &step)).context(label.clone())?;
         eprintln!("{label}: {}", one_line(&report));
         qmp = new_qmp;
         // The QEMU the previous hop started is gone (killed by this one);
         // dropping its handle reaps it.
         if let Some(process) = new_process {
-            spawned = Some(process);
+            *spawned = Some(process);
         }
         reports.push(report);
-    }
-    drop(qmp);
-    if let Some(process) = spawned {
-        let pid = process.detach();
-        eprintln!("the guest runs in QEMU {pid}, which gmemctl leaves running");
-    }
-    let result = LiveUpdateReport { mode: args.mode, hops: reports };
-    if args.json {
-        println!("{}", serde_json::to_string(&result)?);
-    } else {
-        print!("{}", summary(&result));
     }
     Ok(())
 }
