@@ -42,6 +42,7 @@ fn next_qemu_needs_a_qmp_socket() {
         backing: "memfd".into(),
         populated_bytes: 0,
         mapped_by: 0,
+        awaiting_adoption: false,
     };
     let cmd = QemuCommand::new(&[region], "/run/v.sock", 1).expect("valid").aux_ram_share(true);
     assert!(matches!(NextQemu::from_command(&cmd), Err(LiveUpdateError::NoQmpSocket)));
