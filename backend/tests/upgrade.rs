@@ -127,3 +127,20 @@ fn a_hundred_upgrades_leak_no_fd_and_no_memory() {
     // a few KiB per upgrade would show as hundreds.
     assert!(rss_after < rss_before + 1024, "RSS grew from {rss_before} KiB to {rss_after} KiB");
 }
+
+#[test]
+fn no_upgrade_while_a_frontend_is_in_postcopy() {
+    let daemon = Gmemd::start(&[]);
+    let mut fe = daemon.frontend();
+    fe.handshake(vhost::vhost_user::VhostUserProtocolFeatures::PAGEFAULT);
+    let _uffd = fe.vu.postcopy_advise().expect("POSTCOPY_ADVISE");
+    match daemon.ctl().upgrade(None) {
+        Err(ClientError::Command(error)) => assert!(error.desc.contains("postcopy"), "{error:?}"),
+        other => panic!("upgraded in postcopy: {other:?}"),
+    }
+    // The postcopy goes on: the connection still answers.
+    assert_ne!(fe.vu.get_features().expect("GET_FEATURES"), 0);
+    drop(fe);
+    wait_until("the postcopy frontend is gone", || daemon.status().frontends.is_empty());
+    daemon.ctl().upgrade(None).expect("upgrade once the postcopy is over");
+}

@@ -1,5 +1,6 @@
-//! gmemd replaced under a running guest: killed and started again (a crash),
-//! while QEMU keeps the guest's RAM mapped and reconnects to the new gmemd.
+//! gmemd replaced under a running guest: by exec (`upgrade`), QEMU's
+//! connection carried over; and killed and started again (a crash), while
+//! QEMU keeps the guest's RAM mapped and reconnects to the new gmemd.
 //!
 //! The guest runs the `seqio` agent (see tests/migration.rs): every block it
 //! writes is read straight back into guest RAM by the device, and at the end
@@ -11,8 +12,9 @@ use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
+use gmem_protocol::UpgradeInfo;
 use gmem_tests::seqio::{self, SeqioReport, PROGRESS_KEY};
-use gmem_tests::{Gmemd, GmemdOptions, Vm, VmOptions};
+use gmem_tests::{binaries, AgentResults, Gmemd, GmemdOptions, Vm, VmOptions};
 
 /// Blocks the guest writes: 64 MiB.
 const BLOCKS: u64 = 16384;
@@ -35,6 +37,45 @@ fn qemu_mapped_inode(qemu: u32, id: &str) -> Result<u64> {
         .find(|line| line.contains(&format!("gmemd-{id}-")) || line.ends_with(&format!("/{id}.ram")))
         .and_then(|line| line.split_whitespace().nth(4)?.parse().ok())
         .with_context(|| format!("QEMU {qemu} does not map region {id}:\n{maps}"))
+}
+
+/// `gmemctl upgrade --json` against `gmemd`.
+fn gmemctl_upgrade(gmemd: &Gmemd) -> Result<UpgradeInfo> {
+    let out = std::process::Command::new(binaries()?.join("gmemctl"))
+        .arg("--control")
+        .arg(&gmemd.control)
+        .args(["upgrade", "--json"])
+        .output()?;
+    ensure!(out.status.success(), "gmemctl upgrade: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+#[test]
+fn ten_upgrades_under_guest_io_keep_qemus_connection_and_lose_nothing() -> Result<()> {
+    let seed = rand::random::<u64>();
+    let gmemd = Gmemd::start(&GmemdOptions::default())?;
+    let mut vm = seqio_vm(&gmemd, "upgrade", seed)?;
+    vm.wait_for_progress(PROGRESS_KEY, 1024, Duration::from_secs(240))?;
+    let before = gmemd.client()?.query_status()?;
+    let mut paused_us = Vec::new();
+    for round in 0..10 {
+        let info = if round == 0 { gmemctl_upgrade(&gmemd)? } else { gmemd.client()?.upgrade(None)? };
+        ensure!(info.pid == before.pid && info.frontends == 1, "upgrade {round}: {info:?}");
+        paused_us.push(info.paused_us);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let progress = AgentResults::parse(&vm.serial_text()).progress(PROGRESS_KEY).unwrap_or(0);
+    ensure!(progress < BLOCKS, "the guest's I/O ended before the last upgrade ({progress} blocks)");
+    let after = gmemd.client()?.query_status()?;
+    ensure!(after.frontends == before.frontends, "the frontend changed: {before:?} then {after:?}");
+    let results = vm.wait_exit(Duration::from_secs(300))?;
+    let report = SeqioReport::from_results(&results)?;
+    ensure!(report.is_clean() && report.blocks == BLOCKS, "{report:?}\n{}", gmemd.log());
+    ensure!(seqio::verify_disk(&gmemd.disk, BLOCKS, seed)? == report.sum);
+    // QEMU never saw the backend go: it connected once.
+    ensure!(gmemd.log().matches("connected (pid").count() == 1, "{}", gmemd.log());
+    eprintln!("device paused per upgrade (µs): {paused_us:?}");
+    Ok(())
 }
 
 #[test]

@@ -109,6 +109,37 @@ fn precopy_with_the_guest_writing_continuously_loses_nothing() -> Result<()> {
     Ok(())
 }
 
+/// The source gmemd upgrades itself by exec in the middle of a precopy: the
+/// new program carries on QEMU's dirty log, so the device's writes after
+/// the upgrade reach the destination too.
+#[test]
+fn precopy_across_an_upgrade_of_the_source_gmemd_loses_nothing() -> Result<()> {
+    // The guest paced and the link capped, so that the guest writes for
+    // seconds after the upgrade while RAM is still being sent, and is still
+    // writing when the migration completes.
+    let mut pair = MigrationPair::start(&MigrationOptions {
+        gmemd: GmemdOptions { memory: "512M".into(), ..GmemdOptions::default() },
+        vm: VmOptions::new("precopy-upgrade", "seqio").param("blocks", BLOCKS).param("seed", 13).param("pace_us", 400),
+    })?;
+    let mut plan = plan(&pair, None);
+    plan.max_bandwidth = Some(32 << 20);
+    let report = migrate(&mut pair, &plan, |_, _, _, pair| {
+        let mut control = pair.source.client()?;
+        gmem_tests::poll_until("the source gmemd logs dirty pages", Duration::from_secs(20), || {
+            control.query_migration().ok().filter(|m| m.state == MigrationState::DirtyLogging)
+        })?;
+        let info = control.upgrade(None)?;
+        ensure!(info.frontends == 1, "{info:?}");
+        eprintln!("source gmemd upgraded mid-precopy: {info:?}");
+        Ok(())
+    })?;
+    verify(&mut pair, 13)?;
+    let source = report.source_gmemd.as_ref().context("source gmemd figures")?;
+    ensure!(source.dirty_log.pages_marked > 0, "the upgraded gmemd logged nothing: {source:?}");
+    ensure!(!report.postcopy, "{report:?}");
+    Ok(())
+}
+
 #[test]
 fn precopy_without_dirty_logging_is_caught_by_the_verification() -> Result<()> {
     // The source gmemd accepts QEMU's log but never marks it: pages the

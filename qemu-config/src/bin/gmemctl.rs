@@ -70,6 +70,9 @@ Examples:
       --qemu \"$(scripts/qemu-next)\" --aux-ram-share --qmp /run/vm.qmp \\
       --serial file:/run/vm.serial --kernel vmlinuz --initrd initrd.img
 
+  # Upgrade gmemd itself in place, under the running guest:
+  gmemctl --control /run/gmemd/control.sock upgrade --binary /usr/local/bin/gmemd
+
 Set RUST_LOG=info (or debug) to see what gmemctl does.";
 
 #[derive(Debug, Parser)]
@@ -106,6 +109,20 @@ enum GmemdCmd {
     /// --postcopy-orphan-timeout; meanwhile requests that need a page which
     /// never arrived fail.
     PostcopyAbort,
+    /// Replace gmemd's own program, in place, while QEMU and the guest go
+    /// on: gmemd pauses its device between two requests, execs the new
+    /// program, which takes over the RAM, the disk and every QEMU
+    /// connection. If the new program cannot, the old one goes on and the
+    /// reason is printed. Refused during postcopy.
+    Upgrade {
+        /// The gmemd program to run; by default the path the running gmemd
+        /// was started from (which a package upgrade replaced).
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the QEMU arguments (without the binary) that attach a VM to gmemd.
     QemuArgs {
         #[command(flatten)]
@@ -299,6 +316,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 client.execute(&gmem_protocol::Command::PostcopyAbort).context("postcopy-abort")?;
             let dropped = reply.get("dropped").and_then(serde_json::Value::as_bool).unwrap_or(false);
             println!("{}", if dropped { "postcopy registration dropped" } else { "no orphaned postcopy registration" });
+        }
+        GmemdCmd::Upgrade { binary, json } => {
+            let binary = binary.map(|b| std::path::absolute(&b).unwrap_or(b));
+            let binary = match &binary {
+                Some(path) => Some(path.to_str().context("--binary must be a UTF-8 path")?),
+                None => None,
+            };
+            let info = client.upgrade(binary).context("upgrade")?;
+            if json {
+                println!("{}", serde_json::to_string(&info)?);
+            } else {
+                println!(
+                    "gmemd {} -> {} ({}), pid {}: {} frontend connections carried over, device paused {} µs",
+                    info.from_version, info.to_version, info.binary, info.pid, info.frontends, info.paused_us
+                );
+            }
         }
         GmemdCmd::QemuArgs { vm, json } => {
             let args = vm.build(&mut client)?.to_args();
