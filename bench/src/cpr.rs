@@ -2,7 +2,7 @@
 //! cpr-exec), with the guest's RAM and disk in gmemd and, side by side,
 //! with QEMU-owned RAM and qemu-storage-daemon.
 
-mod guest;
+pub mod guest;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -178,16 +178,18 @@ impl Scenario {
     }
 }
 
-/// One hop, measured.
+/// One hop, measured: what the hop reported, and what the guest saw.
 #[derive(Debug, Clone, Serialize)]
-struct HopRecord {
-    report: HopReport,
+pub struct Measured<R> {
+    pub report: R,
     /// The longest gap between the guest's progress lines during the hop, ms.
-    stall_ms: Option<f64>,
+    pub stall_ms: Option<f64>,
     /// The typical gap between progress lines before the hop (the stall's
     /// resolution), ms.
-    line_interval_ms: Option<f64>,
+    pub line_interval_ms: Option<f64>,
 }
+
+type HopRecord = Measured<HopReport>;
 
 /// One run: a fresh guest moved `--hops` times.
 #[derive(Debug, Serialize)]
@@ -199,19 +201,19 @@ struct RunRecord {
 
 /// A figure's distribution over a scenario's hops.
 #[derive(Debug, Clone, Serialize)]
-struct Distribution {
-    n: usize,
-    p50: f64,
-    p90: f64,
+pub struct Distribution {
+    pub n: usize,
+    pub p50: f64,
+    pub p90: f64,
     /// Only with 100 hops or more.
-    p99: Option<f64>,
-    max: f64,
-    min: f64,
+    pub p99: Option<f64>,
+    pub max: f64,
+    pub min: f64,
 }
 
 impl Distribution {
     /// Nearest-rank percentiles of `values`; `None` when there are none.
-    fn of(mut values: Vec<f64>) -> Option<Distribution> {
+    pub fn of(mut values: Vec<f64>) -> Option<Distribution> {
         if values.is_empty() {
             return None;
         }
@@ -333,7 +335,8 @@ pub fn run(args: Args) -> Result<()> {
             if !commands.iter().any(|(s, _)| *s == scenario) {
                 commands.push((scenario, guest.commands()?));
             }
-            let hops = measure(guest.as_mut(), scenario.mode(), &settings)
+            let serial = guest.serial();
+            let hops = measure(serial, &settings, || guest.hop(scenario.mode()))
                 .and_then(|hops| guest.finish(&settings, seed).map(|()| hops))
                 .with_context(|| format!("{} run {round} of {}", scenario.name(), args.runs))?;
             println!("[{} {round}/{}] {}", scenario.name(), args.runs, one_line(&hops));
@@ -364,26 +367,31 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// Waits for the guest to be writing, then hops `settings.hops` times,
-/// hop k due at block 1024 + (k-1) * `blocks_between`, timing the console throughout.
-fn measure(guest: &mut dyn Guest, mode: CprMode, settings: &Settings) -> Result<Vec<HopRecord>> {
-    let clock = ProgressClock::start(vec![guest.serial()], PROGRESS_KEY, Duration::from_millis(1))?;
+/// Waits for the guest (console `serial`) to be writing, then runs `hop`
+/// `settings.hops` times, hop k due at block 1024 + (k-1) *
+/// `blocks_between`, timing the console throughout.
+pub fn measure<R>(
+    serial: PathBuf,
+    settings: &Settings,
+    mut hop: impl FnMut() -> Result<R>,
+) -> Result<Vec<Measured<R>>> {
+    let clock = ProgressClock::start(vec![serial], PROGRESS_KEY, Duration::from_millis(1))?;
     let mut windows = Vec::new();
     let mut reports = Vec::new();
     // Hop k is due at a fixed block; a hop that takes longer than the
     // guest needs for --blocks-between makes the next one follow at once.
-    for (hop, due) in (1..=settings.hops).zip((START_AT..).step_by(settings.blocks_between as usize)) {
+    for (number, due) in (1..=settings.hops).zip((START_AT..).step_by(settings.blocks_between as usize)) {
         let reached = clock
             .wait_for(settings.timeout(), |stamp| stamp.count >= due)
-            .with_context(|| format!("the guest did not reach block {due} before hop {hop}"))?;
+            .with_context(|| format!("the guest did not reach block {due} before hop {number}"))?;
         anyhow::ensure!(
             reached.count + TAIL / 2 < settings.blocks(),
-            "the guest is at block {} of {} at hop {hop}: the hops outran the workload; raise --blocks-between",
+            "the guest is at block {} of {} at hop {number}: the hops outran the workload; raise --blocks-between",
             reached.count,
             settings.blocks()
         );
         let began = Instant::now();
-        reports.push(guest.hop(mode).with_context(|| format!("hop {hop}"))?);
+        reports.push(hop().with_context(|| format!("hop {number}"))?);
         windows.push((began, Instant::now()));
     }
     // A line after the last hop closes its gap.
@@ -397,9 +405,9 @@ fn measure(guest: &mut dyn Guest, mode: CprMode, settings: &Settings) -> Result<
         .collect())
 }
 
-fn hop_record(report: HopReport, timeline: &ProgressTimeline, began: Instant, ended: Instant) -> HopRecord {
+fn hop_record<R>(report: R, timeline: &ProgressTimeline, began: Instant, ended: Instant) -> Measured<R> {
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    HopRecord {
+    Measured {
         report,
         stall_ms: timeline.gaps_overlapping(began, ended).first().map(|gap| ms(gap.duration())),
         line_interval_ms: timeline.typical_interval(began).map(ms),

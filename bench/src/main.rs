@@ -10,6 +10,7 @@ mod hostside;
 mod migration;
 mod qsd;
 mod results;
+mod update;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -56,6 +57,8 @@ they are not the backends' or the disk's physical limits.";
 /// postcopy, direct and delayed link, gmemd and qemu-storage-daemon); see
 /// `gmem-bench migration --help`. `gmem-bench cpr` measures the downtime of
 /// a QEMU live update (cpr-transfer, cpr-exec); see `gmem-bench cpr --help`.
+/// `gmem-bench update` measures replacing the backend itself (gmemd's exec
+/// upgrade, a restart); see `gmem-bench update --help`.
 #[derive(Debug, Parser)]
 #[command(
     verbatim_doc_comment,
@@ -75,6 +78,7 @@ enum Command {
     Migration(migration::Args),
     Host(hostside::Args),
     Cpr(cpr::Args),
+    Update(update::Args),
 }
 
 const EXAMPLES: &str = "Examples:
@@ -83,6 +87,7 @@ const EXAMPLES: &str = "Examples:
   cargo run --release -p gmem-bench -- migration --runs 3
   cargo run --release -p gmem-bench -- host --quick
   cargo run --release -p gmem-bench -- cpr --runs 3
+  cargo run --release -p gmem-bench -- update --runs 2
 
 Needs qemu-system-x86_64 and (unless --gmemd-only) qemu-storage-daemon on PATH;
 the first run builds the guest image and gmemd, which takes a while.";
@@ -93,6 +98,7 @@ fn main() -> Result<()> {
         Some(Command::Migration(args)) => args.backends.gmemd_build,
         Some(Command::Host(args)) => args.backends.gmemd_build,
         Some(Command::Cpr(args)) => args.backends.gmemd_build,
+        Some(Command::Update(args)) => args.backends.gmemd_build,
         None => cli.compare.backends.gmemd_build,
     };
     if build == GmemdBuild::Release {
@@ -103,6 +109,7 @@ fn main() -> Result<()> {
         Some(Command::Migration(args)) => migration::run(args),
         Some(Command::Host(args)) => hostside::run(args),
         Some(Command::Cpr(args)) => cpr::run(args),
+        Some(Command::Update(args)) => update::run(args),
         None => compare::run(cli.compare),
     }
 }

@@ -55,6 +55,17 @@ impl Guard {
         self.child.try_wait().with_context(|| format!("waiting for {}", self.what))
     }
 
+    /// Stops it as an operator would: SIGTERM, then waits (SIGKILL after 10 s).
+    pub fn stop(&mut self) -> Result<()> {
+        // SAFETY: kill takes a pid and a signal number by value.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        if self.wait_timeout(Duration::from_secs(10))?.is_none() {
+            self.child.kill()?;
+            self.child.wait()?;
+        }
+        Ok(())
+    }
+
     /// Waits up to `timeout` for it to exit.
     pub fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<ExitStatus>> {
         let deadline = Instant::now() + timeout;

@@ -63,6 +63,22 @@ impl GmemdGuest {
     }
 }
 
+impl GmemdGuest {
+    /// `upgrade`: gmemd execs its own program again; returns its reply.
+    pub fn upgrade(&self) -> Result<gmem_protocol::UpgradeInfo> {
+        Ok(self.gmemd.client()?.upgrade(None)?)
+    }
+
+    /// Kills gmemd with SIGKILL and starts it again at once; returns the
+    /// time until the new one answers on its control socket.
+    pub fn crash_and_restart(&mut self) -> Result<Duration> {
+        let began = std::time::Instant::now();
+        self.gmemd.crash()?;
+        self.gmemd.restart()?;
+        Ok(began.elapsed())
+    }
+}
+
 impl Guest for GmemdGuest {
     fn serial(&self) -> PathBuf {
         self.vm.serial_path().to_owned()
@@ -148,6 +164,22 @@ impl QsdGuest {
             std::fs::metadata(&socket).ok().filter(|m| m.ino() != inode).map(drop)
         })?;
         Ok(daemon)
+    }
+}
+
+impl QsdGuest {
+    /// What upgrading qemu-storage-daemon takes: stop it (SIGTERM) and start
+    /// a new one on the same image and socket, which QEMU reconnects to
+    /// (`reconnect-ms`). Returns the time until the new one listens.
+    pub fn restart_daemon(&mut self) -> Result<Duration> {
+        let began = std::time::Instant::now();
+        self.daemon.stop()?;
+        let socket = self.dir.join("vhost.sock");
+        let args = qsd_args(&self.dir.join("disk.raw"), &socket, true);
+        let log = self.dir.join(&format!("qsd-{}.log", self.daemons));
+        self.daemons += 1;
+        self.daemon = start_qsd(&self.qsd, None, &args, &socket, &log)?;
+        Ok(began.elapsed())
     }
 }
 
