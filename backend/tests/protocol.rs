@@ -498,3 +498,25 @@ fn a_buffer_that_wraps_the_address_space_writes_nothing() {
     assert_eq!(mem.read(0, 64), vec![0xcc; 64], "guest RAM at the wrapped-around address is untouched");
     assert_eq!(fe.read(&mem, &mut ring, 0, DATA, 512), (513, S_OK), "the queue goes on");
 }
+
+/// A cpr-transfer's new QEMU sends RESET_DEVICE on its own connection while
+/// the old QEMU still runs the guest: only the new connection's (not yet
+/// started) rings are reset, and the old connection's queue keeps running.
+#[test]
+fn reset_device_on_a_second_connection_leaves_the_first_ones_queue_running() {
+    let daemon = Gmemd::start(&[]);
+    let (fe, mem, mut ring) = ready_frontend(&daemon);
+    let data = pattern(KIB64 as usize, 4);
+    mem.write(DATA, &data);
+    assert_eq!(fe.write(&mem, &mut ring, 0, DATA, KIB64), (1, S_OK));
+
+    let mut second = daemon.frontend();
+    second.handshake(VhostUserProtocolFeatures::RESET_DEVICE);
+    second.set_table(&[mem.whole()]).expect("the second connection's table");
+    second.vu.reset_device().expect("RESET_DEVICE");
+    second.vu.reset_device().expect("RESET_DEVICE again, as QEMU 11 sends it");
+
+    assert!(daemon.device().queues[0].started, "the first connection's queue stopped");
+    assert_eq!(fe.read(&mem, &mut ring, 0, BACK, KIB64), (KIB64 + 1, S_OK));
+    assert_eq!(mem.read(BACK, KIB64 as usize), data);
+}

@@ -38,7 +38,9 @@ fn a_connection_keeps_running_across_upgrades() {
     round_trip(&fe, &mem, &mut ring, 0, 1);
     let before = daemon.status();
     for round in 0..3u8 {
+        let counted = daemon.device();
         let info = daemon.ctl().upgrade(None).expect("upgrade");
+        assert_eq!(daemon.device(), counted, "the device's counters go on across the upgrade");
         assert_eq!(info.pid, before.pid, "the same process");
         assert_eq!(info.frontends, 1);
         round_trip(&fe, &mem, &mut ring, 8 * u64::from(round), 2 + round);
@@ -143,4 +145,27 @@ fn no_upgrade_while_a_frontend_is_in_postcopy() {
     drop(fe);
     wait_until("the postcopy frontend is gone", || daemon.status().frontends.is_empty());
     daemon.ctl().upgrade(None).expect("upgrade once the postcopy is over");
+}
+
+/// A frontend that connects while the upgrade is under way waits in the
+/// listening socket's backlog (the socket is never closed) and is served by
+/// the new program: no connect() that succeeds and then fails.
+#[test]
+fn a_frontend_connecting_during_an_upgrade_is_served_by_the_new_program() {
+    let daemon = Gmemd::start(&[]);
+    let (fe, mem, mut ring) = ready_frontend(&daemon);
+    // The new program starts a second after the exec.
+    let slow = wrapper(daemon.dir(), "sleep 1;");
+    let control = daemon.ctl();
+    let upgrade = std::thread::spawn(move || {
+        let mut control = control;
+        control.upgrade(Some(&slow))
+    });
+    wait_until("the upgrade has begun", || daemon.log().contains("upgrade: exec"));
+    let mut late = daemon.frontend();
+    late.handshake(vhost::vhost_user::VhostUserProtocolFeatures::empty());
+    let info = upgrade.join().expect("upgrade thread").expect("upgrade");
+    assert_eq!(info.frontends, 1, "only the connection made before the pause was carried over");
+    assert_eq!(daemon.status().frontends.len(), 2, "the late frontend is served");
+    round_trip(&fe, &mem, &mut ring, 0, 5);
 }

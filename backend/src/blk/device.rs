@@ -47,7 +47,37 @@ pub struct DeviceQueue {
     broken: AtomicBool,
 }
 
+/// A queue's counters, as one program hands them to the next.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueCounters {
+    /// Requests completed.
+    pub requests: u64,
+    /// Requests completed with an error or dropped as malformed.
+    pub errors: u64,
+    /// Bytes the device wrote into guest RAM.
+    pub bytes_to_guest: u64,
+    /// Bytes the device read from guest RAM.
+    pub bytes_from_guest: u64,
+}
+
 impl DeviceQueue {
+    /// The counters now.
+    pub fn counters(&self) -> QueueCounters {
+        QueueCounters {
+            requests: self.requests.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            bytes_to_guest: self.access.bytes_to_guest(),
+            bytes_from_guest: self.access.bytes_from_guest(),
+        }
+    }
+
+    /// Goes on from a previous program's counters (exec upgrade).
+    pub fn carry_on(&self, counters: &QueueCounters) {
+        self.requests.fetch_add(counters.requests, Ordering::Relaxed);
+        self.errors.fetch_add(counters.errors, Ordering::Relaxed);
+        self.access.carry_on(counters.bytes_to_guest, counters.bytes_from_guest);
+    }
+
     /// Marks the queue as run by connection `owner`, waiting up to `patience`
     /// for another owner to let go of it: a connection that is going away
     /// (QEMU reconnecting, or the old QEMU of a live update stopping its

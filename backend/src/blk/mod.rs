@@ -8,6 +8,6 @@ mod disk;
 mod request;
 
 pub use config::{BlkConfig, CONFIG_SPACE_LEN};
-pub use device::{BlkDevice, DeviceOptions, DeviceQueue, Outcome};
+pub use device::{BlkDevice, DeviceOptions, DeviceQueue, Outcome, QueueCounters};
 pub use disk::{Disk, DiskError};
 pub use request::{parse, BlkRequest, Op, Rejected, RequestError};

@@ -8,6 +8,7 @@ use std::os::fd::RawFd;
 use gmem_protocol::RequestId;
 use serde::{Deserialize, Serialize};
 
+use crate::blk::QueueCounters;
 use crate::memory::RegionRecord;
 use crate::record::ConnectionRecord;
 
@@ -57,6 +58,8 @@ pub struct HandoverRecord {
     pub connections: Vec<ConnectionRecord>,
     /// Who asked.
     pub requester: Option<Requester>,
+    /// Each device queue's counters, so that `query-device` goes on.
+    pub queue_counters: Vec<QueueCounters>,
     /// CLOCK_MONOTONIC nanoseconds when the pause began (the clock goes on
     /// across exec).
     pub paused_at_ns: u64,
@@ -124,6 +127,7 @@ mod tests {
             next_frontend_id: 3,
             connections: Vec::new(),
             requester: Some(Requester { fd: 9, id: Some(RequestId::from(12)), program: "/bin/gmemd".into() }),
+            queue_counters: vec![QueueCounters { requests: 3, errors: 1, bytes_to_guest: 4096, bytes_from_guest: 512 }],
             paused_at_ns: 1,
         };
         let file = record.to_memfd().expect("memfd");

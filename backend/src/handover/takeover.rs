@@ -142,6 +142,9 @@ impl Takeover {
             drop(unsafe { OwnedFd::from_raw_fd(fd) });
         }
         daemon.continue_frontend_ids(self.record.next_frontend_id);
+        for (queue, counters) in daemon.device.queues().iter().zip(&self.record.queue_counters) {
+            queue.carry_on(counters);
+        }
         let frontends = u32::try_from(carried.len()).unwrap_or(u32::MAX);
         for Carried { status, mut connection, socket, record } in carried {
             // As many as the previous program had, so within --max-frontends.

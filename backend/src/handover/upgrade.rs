@@ -137,6 +137,7 @@ impl Upgrader {
                         id: id.cloned(),
                         program: program.display().to_string(),
                     }),
+                    queue_counters: self.daemon.device.queues().iter().map(|q| q.counters()).collect(),
                     paused_at_ns,
                 };
                 self.exec(&program, &record)

@@ -38,6 +38,12 @@ impl AccessCounters {
     pub fn bytes_from_guest(&self) -> u64 {
         self.from_guest.load(Ordering::Relaxed)
     }
+
+    /// Goes on from the figures of a previous program (exec upgrade).
+    pub fn carry_on(&self, to_guest: u64, from_guest: u64) {
+        self.to_guest.fetch_add(to_guest, Ordering::Relaxed);
+        self.from_guest.fetch_add(from_guest, Ordering::Relaxed);
+    }
 }
 
 /// A guest buffer named by a descriptor: guest-physical address and length.
