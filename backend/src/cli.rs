@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
+use crate::blk::aio::AioKind;
+use crate::blk::CacheMode;
 use crate::memory::{Backing, RegionSpec};
 
 /// gmemd owns a QEMU guest's RAM and serves it a vhost-user-blk disk.
@@ -52,6 +54,22 @@ pub struct Args {
     /// Number of virtio-blk request queues (one worker thread each).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub queues: u16,
+
+    /// How the disk image is cached, as QEMU's cache= names it:
+    /// writeback (host page cache; writes durable after the guest's
+    /// FLUSH), writethrough (page cache; every write durable when it
+    /// completes), none (O_DIRECT; durable after FLUSH), directsync
+    /// (O_DIRECT; every write durable). The guest may turn the write cache
+    /// off and on (VIRTIO_BLK_F_CONFIG_WCE).
+    #[arg(long, value_enum, default_value_t = CacheMode::Writeback)]
+    pub cache: CacheMode,
+
+    /// The disk engine: io_uring (each queue keeps up to its size of
+    /// requests in flight), or sync (one request at a time per queue).
+    /// io_uring falls back to sync, with a warning, where the kernel
+    /// refuses it.
+    #[arg(long, value_enum, default_value_t = AioKind::IoUring)]
+    pub aio: AioKind,
 
     /// Serve the disk read-only (VIRTIO_BLK_F_RO; writes fail with IOERR).
     #[arg(long)]

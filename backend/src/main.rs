@@ -64,6 +64,8 @@ fn serve(args: Args, takeover: Option<Takeover>) -> Result<()> {
         readonly: args.readonly,
         queues: args.queues,
         serial: args.serial.clone(),
+        cache: args.cache,
+        aio: args.aio,
     };
     let options = DaemonOptions {
         vhost_socket: args.socket.clone(),
@@ -177,7 +179,8 @@ fn take_over(
     takeover: &Takeover,
 ) -> Result<(Started, Vec<gmemd::handover::Carried>), TakeoverError> {
     let regions = takeover.regions()?;
-    let device = BlkDevice::with_disk(takeover.disk(&args.disk, args.readonly)?, device_options);
+    let disk = takeover.disk(&args.disk, args.readonly, device_options.cache)?;
+    let device = BlkDevice::with_disk(disk, device_options);
     let mut state = StateFile::new(args.state_path());
     // Same process, same pid: the file names this very gmemd, and the
     // frontends that hold its RAM.

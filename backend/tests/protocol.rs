@@ -520,3 +520,19 @@ fn reset_device_on_a_second_connection_leaves_the_first_ones_queue_running() {
     assert_eq!(fe.read(&mem, &mut ring, 0, BACK, KIB64), (KIB64 + 1, S_OK));
     assert_eq!(mem.read(BACK, KIB64 as usize), data);
 }
+
+/// Both disk engines serve the same requests; `query-device` says which runs.
+#[test]
+fn both_disk_engines_serve_and_say_which_runs() {
+    for (args, engine) in [(&[][..], "io_uring"), (&["--aio", "sync"][..], "sync")] {
+        let daemon = Gmemd::start(args);
+        let (fe, mem, mut ring) = ready_frontend(&daemon);
+        let data = pattern(KIB64 as usize, 7);
+        mem.write(DATA, &data);
+        assert_eq!(fe.write(&mem, &mut ring, 8, DATA, KIB64), (1, S_OK));
+        assert_eq!(fe.read(&mem, &mut ring, 8, BACK, KIB64), (KIB64 + 1, S_OK));
+        assert_eq!(mem.read(BACK, KIB64 as usize), data, "{engine}");
+        let device = daemon.device();
+        assert_eq!((device.aio.as_str(), device.aio_fallback), (engine, None));
+    }
+}

@@ -10,9 +10,10 @@
 
 #![no_main]
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
-use gmemd::blk::{BlkDevice, DeviceOptions, Outcome};
+use gmemd::blk::aio::{AioKind, AsyncDisk, SyncDisk};
+use gmemd::blk::{BlkDevice, CacheMode, DeviceOptions, Outcome, RequestError, Started};
 use gmemd::memory::{Backing, GuestRam, MemRegionDesc, MemoryTable, RamAccess, RegionSet, RegionSpec};
 use gmemd::migration::Tracking;
 use gmemd::vhost::DescChain;
@@ -28,7 +29,7 @@ const AVAIL: u64 = INPUT_AREA;
 
 struct World {
     _regions: RegionSet,
-    ram: GuestRam,
+    ram: Arc<GuestRam>,
     device: BlkDevice,
     tracking: Tracking,
     _disk: tempfile::NamedTempFile,
@@ -47,11 +48,17 @@ fn world() -> &'static World {
             .expect("add");
         let disk = tempfile::NamedTempFile::new().expect("disk");
         disk.as_file().set_len(1 << 20).expect("size");
-        let options =
-            DeviceOptions { disk: disk.path().to_path_buf(), readonly: false, queues: 1, serial: "fuzz".into() };
+        let options = DeviceOptions {
+            disk: disk.path().to_path_buf(),
+            readonly: false,
+            queues: 1,
+            serial: "fuzz".into(),
+            cache: CacheMode::Writeback,
+            aio: AioKind::Sync,
+        };
         let device = BlkDevice::new(&options).expect("device");
         World {
-            ram: table.guest_ram(),
+            ram: Arc::new(table.guest_ram()),
             _regions: regions,
             device,
             tracking: Tracking::new(Default::default(), false),
@@ -83,7 +90,7 @@ fuzz_target!(|data: &[u8]| {
     queue.set_used_ring_address(Some((AVAIL + 0x1000) as u32), Some(0));
     queue.set_ready(true);
     let theirs: Vec<Descriptor> =
-        queue.iter(&world.ram).expect("iter").next().map(|chain| chain.collect()).unwrap_or_default();
+        queue.iter(&*world.ram).expect("iter").next().map(|chain| chain.collect()).unwrap_or_default();
     let key = |d: &Descriptor| (d.addr().0, d.len(), d.flags(), d.next());
     assert_eq!(
         ours.iter().map(key).collect::<Vec<_>>(),
@@ -97,7 +104,28 @@ fuzz_target!(|data: &[u8]| {
     let counters = Default::default();
     let access = RamAccess::new(&world.ram, &counters, &world.tracking);
     let queue_state = &world.device.queues()[0];
-    let outcome = world.device.handle(DescChain::new(&world.ram, GuestAddress(0), size, head), &access, queue_state);
+    let chain = DescChain::new(&world.ram, GuestAddress(0), size, head);
+    let outcome = match world.device.start(chain, &access, queue_state) {
+        Started::Done(outcome) => outcome,
+        Started::Transfer(mut transfer) => {
+            // The queue worker's loop, on the synchronous engine.
+            let mut disk = SyncDisk::new().expect("engine");
+            let mut done = Vec::new();
+            let result = loop {
+                // SAFETY: `transfer` holds its buffers until it is finished below.
+                unsafe { disk.push(transfer.op(), transfer.fd(), transfer.pending(), transfer.position(), 0) }
+                    .expect("push");
+                disk.complete(1, &mut done).expect("complete");
+                let moved = done.pop().expect("a completion").result.map_err(RequestError::Disk);
+                match moved.and_then(|n| transfer.advance(n)) {
+                    Ok(false) => continue,
+                    Ok(true) => break Ok(()),
+                    Err(error) => break Err(error),
+                }
+            };
+            world.device.finish(transfer, result, &access, queue_state)
+        }
+    };
     let Outcome::Completed(used) = outcome else { panic!("a request was abandoned with no stop asked") };
     let total: u64 = writable.iter().map(|(_, len)| len).sum();
     assert!(u64::from(used) <= total, "used length {used} > writable bytes {total}");

@@ -17,7 +17,8 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use gmemd::blk::{BlkDevice, DeviceOptions};
+use gmemd::blk::aio::AioKind;
+use gmemd::blk::{BlkDevice, CacheMode, DeviceOptions};
 use gmemd::daemon::{Daemon, DaemonOptions, FrontendStatus};
 use gmemd::memory::{Backing, RegionSet, RegionSpec};
 use gmemd::peers::PeerPolicy;
@@ -64,6 +65,8 @@ fn world() -> &'static World {
             readonly: false,
             queues: 2,
             serial: "fuzz".into(),
+            cache: CacheMode::Writeback,
+            aio: AioKind::IoUring,
         })
         .expect("device");
         let options = DaemonOptions {

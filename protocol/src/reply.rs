@@ -188,6 +188,18 @@ pub struct DeviceInfo {
     pub capacity_bytes: u64,
     /// Whether the device is read-only.
     pub readonly: bool,
+    /// The cache mode (`--cache`): writeback, writethrough, none, directsync.
+    #[serde(default)]
+    pub cache: String,
+    /// Whether the volatile write cache is on now (the guest may toggle it).
+    #[serde(default)]
+    pub write_cache: bool,
+    /// The disk engine the queues use: `io_uring` or `sync`.
+    #[serde(default)]
+    pub aio: String,
+    /// Why the engine is not the one asked for, when it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aio_fallback: Option<String>,
     /// Requests completed, all queues.
     pub requests: u64,
     /// Requests completed with an error status or dropped as malformed.

@@ -14,6 +14,9 @@ pub const SEG_MAX: u32 = 126;
 pub const MAX_DISCARD_SEG: u32 = 32;
 /// Sectors one DISCARD or WRITE_ZEROES segment may cover (1 GiB).
 pub const MAX_DISCARD_SECTORS: u32 = 1 << 21;
+/// Offset of the `writeback` byte (WCE) in the config space: the one
+/// field the driver may write (VIRTIO_BLK_F_CONFIG_WCE).
+pub const WCE_OFFSET: u32 = 32;
 /// Length of the config space we expose; QEMU asks for its own struct's
 /// size, and bytes past the fields we implement read as zero.
 pub const CONFIG_SPACE_LEN: usize = 256;
@@ -38,6 +41,7 @@ impl BlkConfig {
             | (1 << VIRTIO_BLK_F_SEG_MAX)
             | (1 << VIRTIO_BLK_F_BLK_SIZE)
             | (1 << VIRTIO_BLK_F_FLUSH)
+            | (1 << VIRTIO_BLK_F_CONFIG_WCE)
             | (1 << VIRTIO_BLK_F_MQ);
         if self.readonly {
             features |= 1 << VIRTIO_BLK_F_RO;
@@ -47,13 +51,15 @@ impl BlkConfig {
         features
     }
 
-    /// The config space, little-endian, laid out as `struct virtio_blk_config`.
-    pub fn space(&self) -> [u8; CONFIG_SPACE_LEN] {
+    /// The config space, little-endian, laid out as `struct
+    /// virtio_blk_config`, with the write cache on or off.
+    pub fn space(&self, write_cache: bool) -> [u8; CONFIG_SPACE_LEN] {
         let mut space = [0u8; CONFIG_SPACE_LEN];
         let mut put = |offset: usize, bytes: &[u8]| space[offset..offset + bytes.len()].copy_from_slice(bytes);
         put(0, &(self.capacity_bytes / SECTOR_SIZE).to_le_bytes()); // capacity
         put(12, &SEG_MAX.to_le_bytes()); // seg_max
         put(20, &(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
+        put(WCE_OFFSET as usize, &[u8::from(write_cache)]); // writeback
         put(34, &self.num_queues.to_le_bytes()); // num_queues
         put(36, &MAX_DISCARD_SECTORS.to_le_bytes()); // max_discard_sectors
         put(40, &MAX_DISCARD_SEG.to_le_bytes()); // max_discard_seg
@@ -66,10 +72,10 @@ impl BlkConfig {
 
     /// `size` bytes of the config space from `offset`, or `None` when the
     /// window is outside it.
-    pub fn read(&self, offset: u32, size: u32) -> Option<Vec<u8>> {
+    pub fn read(&self, offset: u32, size: u32, write_cache: bool) -> Option<Vec<u8>> {
         let start = usize::try_from(offset).ok()?;
         let end = start.checked_add(usize::try_from(size).ok()?)?;
-        self.space().get(start..end).map(<[u8]>::to_vec)
+        self.space(write_cache).get(start..end).map(<[u8]>::to_vec)
     }
 }
 
@@ -83,7 +89,7 @@ mod tests {
 
     #[test]
     fn space_has_the_virtio_layout() {
-        let space = config(false).space();
+        let space = config(false).space(true);
         let u32_at = |o: usize| u32::from_le_bytes(space[o..o + 4].try_into().expect("4"));
         assert_eq!(u64::from_le_bytes(space[0..8].try_into().expect("8")), (256 << 20) / 512);
         assert_eq!(u32_at(12), SEG_MAX);
@@ -91,15 +97,17 @@ mod tests {
         assert_eq!(u16::from_le_bytes([space[34], space[35]]), 4);
         assert_eq!(u32_at(40), MAX_DISCARD_SEG);
         assert_eq!(space[56], 1);
+        assert_eq!(space[WCE_OFFSET as usize], 1);
+        assert_eq!(config(false).space(false)[WCE_OFFSET as usize], 0);
     }
 
     #[test]
     fn reads_windows_and_refuses_outside_ones() {
         let c = config(false);
-        assert_eq!(c.read(34, 2), Some(vec![4, 0]));
-        assert_eq!(c.read(0, 60).map(|v| v.len()), Some(60));
-        assert_eq!(c.read(250, 10), None);
-        assert_eq!(c.read(u32::MAX, 2), None);
+        assert_eq!(c.read(34, 2, true), Some(vec![4, 0]));
+        assert_eq!(c.read(0, 60, true).map(|v| v.len()), Some(60));
+        assert_eq!(c.read(250, 10, true), None);
+        assert_eq!(c.read(u32::MAX, 2, true), None);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! `BlkDevice`: executes parsed requests and keeps per-queue figures.
 
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
@@ -7,13 +8,17 @@ use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_OK};
 use virtio_queue::desc::split::Descriptor;
+use vm_memory::GuestAddress;
 
-use super::config::{BlkConfig, SECTOR_SIZE};
-use super::disk::{Disk, DiskError};
+use super::aio::{AioKind, DiskOp};
+use super::config::{BlkConfig, SECTOR_SIZE, WCE_OFFSET};
+use super::disk::{CacheMode, Disk, DiskError};
 use super::request::{self, check_range, BlkRequest, Op, RequestError, SEGMENT_LEN};
+use super::transfer::Transfer;
 use crate::memory::{AccessCounters, AccessError, GuestBuf, RamAccess};
 
-/// What the device is built from (`--disk`, `--readonly`, `--queues`, `--serial`).
+/// What the device is built from (`--disk`, `--readonly`, `--queues`,
+/// `--serial`, `--cache`, `--aio`).
 #[derive(Debug, Clone)]
 pub struct DeviceOptions {
     /// The raw image.
@@ -24,6 +29,11 @@ pub struct DeviceOptions {
     pub queues: u16,
     /// The id GET_ID returns (at most 20 bytes are used).
     pub serial: String,
+    /// How the image is cached.
+    pub cache: CacheMode,
+    /// The disk engine the queues use (io_uring falls back to sync where
+    /// the kernel refuses it).
+    pub aio: AioKind,
 }
 
 /// One virtqueue of the device: which connection runs it, and its figures,
@@ -136,6 +146,15 @@ pub enum Outcome {
     Abandoned,
 }
 
+/// What [`BlkDevice::start`] made of a request.
+#[derive(Debug)]
+pub enum Started {
+    /// It is over already (an error, GET_ID, DISCARD...).
+    Done(Outcome),
+    /// Its disk operation is to be run; [`BlkDevice::finish`] completes it.
+    Transfer(Transfer),
+}
+
 /// The virtio-blk device.
 #[derive(Debug)]
 pub struct BlkDevice {
@@ -143,12 +162,14 @@ pub struct BlkDevice {
     config: BlkConfig,
     id: [u8; VIRTIO_BLK_ID_BYTES as usize],
     queues: Vec<DeviceQueue>,
+    /// The engine the queues use, and why it is not the one asked for.
+    aio: (AioKind, Option<String>),
 }
 
 impl BlkDevice {
     /// Opens the disk and sets up `options.queues` queues.
     pub fn new(options: &DeviceOptions) -> Result<Self, DiskError> {
-        Ok(Self::with_disk(Disk::open(&options.disk, options.readonly)?, options))
+        Ok(Self::with_disk(Disk::open(&options.disk, options.readonly, options.cache)?, options))
     }
 
     /// The device on an image already open (`options.disk` only names it).
@@ -160,7 +181,43 @@ impl BlkDevice {
         let n = serial.len().min(id.len());
         id[..n].copy_from_slice(&serial[..n]);
         let queues = (0..options.queues).map(|_| DeviceQueue::default()).collect();
-        BlkDevice { disk, config, id, queues }
+        let aio = match options.aio {
+            AioKind::IoUring => match super::aio::UringDisk::probe() {
+                Ok(()) => (AioKind::IoUring, None),
+                Err(why) => {
+                    log::warn!("io_uring unavailable ({why}); the queues do one synchronous I/O at a time");
+                    (AioKind::Sync, Some(format!("io_uring unavailable: {why}")))
+                }
+            },
+            AioKind::Sync => (AioKind::Sync, None),
+        };
+        BlkDevice { disk, config, id, queues, aio }
+    }
+
+    /// The disk engine the queues use, and why it is not the one asked
+    /// for, if it is not.
+    pub fn aio(&self) -> (AioKind, Option<&str>) {
+        (self.aio.0, self.aio.1.as_deref())
+    }
+
+    /// `size` bytes of the config space from `offset`, or `None` outside it.
+    pub fn read_config(&self, offset: u32, size: u32) -> Option<Vec<u8>> {
+        self.config.read(offset, size, self.disk.write_cache())
+    }
+
+    /// A write to the config space: only the WCE byte is writable.
+    pub fn write_config(&self, offset: u32, bytes: &[u8]) -> Result<(), String> {
+        match (offset, bytes) {
+            (WCE_OFFSET, [wce]) => {
+                self.disk.set_write_cache(*wce != 0);
+                log::info!("the guest turned the write cache {}", if *wce != 0 { "on" } else { "off" });
+                Ok(())
+            }
+            _ => Err(format!(
+                "only the write cache byte (offset {WCE_OFFSET}, 1 byte) is writable, not {} bytes at offset {offset}",
+                bytes.len()
+            )),
+        }
     }
 
     /// Config space and feature bits.
@@ -178,16 +235,83 @@ impl BlkDevice {
         &self.queues
     }
 
-    /// Parses and executes one request from `chain` on queue `queue` and
-    /// writes its status. Whatever the guest put in the chain, the request
-    /// is completed, with an error status if need be; it is only left
-    /// undone when the queue was stopped while it waited for a guest page.
-    pub fn handle(&self, chain: impl Iterator<Item = Descriptor>, access: &RamAccess, queue: &DeviceQueue) -> Outcome {
+    /// Parses one request from `chain` on queue `queue`. A read, write or
+    /// flush comes back as the [`Transfer`] the queue's engine is to run;
+    /// anything else is executed and completed here. Whatever the guest put
+    /// in the chain, the request is completed, with an error status if need
+    /// be; it is only left undone when the queue was stopped while it
+    /// waited for a guest page.
+    pub fn start(&self, chain: impl Iterator<Item = Descriptor>, access: &RamAccess, queue: &DeviceQueue) -> Started {
         let capacity = self.disk.capacity_bytes() / SECTOR_SIZE;
-        let (status_addr, outcome) = match request::parse(chain, access, capacity, self.disk.readonly()) {
-            Ok(request) => (Some(request.status), self.execute(&request, access)),
-            Err(rejected) => (rejected.status, Err(rejected.error)),
+        let request = match request::parse(chain, access, capacity, self.disk.readonly()) {
+            Ok(request) => request,
+            Err(rejected) => return Started::Done(self.complete(rejected.status, Err(rejected.error), access, queue)),
         };
+        let status = Some(request.status);
+        // The status byte is written when the transfer completes: fault it
+        // in now (postcopy), so that completing never waits.
+        if let Err(error) = access.fault_in(&[GuestBuf { addr: request.status, len: 1 }]) {
+            return Started::Done(self.complete(status, Err(error.into()), access, queue));
+        }
+        let (op, sector) = match request.op {
+            Op::Read { sector } => (DiskOp::Read, sector),
+            Op::Write { sector } => (DiskOp::Write { dsync: !self.disk.write_cache() }, sector),
+            Op::Flush => return Started::Transfer(Transfer::flush(self.disk.file().as_raw_fd(), request.status)),
+            Op::GetId => {
+                let written = access.write_into(&request.data, &self.id).map_err(RequestError::from);
+                return Started::Done(self.complete(status, written, access, queue));
+            }
+            Op::Discard | Op::WriteZeroes => {
+                let done = self.discard_or_zero(&request, access).map(|()| 0);
+                return Started::Done(self.complete(status, done, access, queue));
+            }
+        };
+        match access.hold(&request.data) {
+            Ok(held) => {
+                let offset = sector * SECTOR_SIZE;
+                let fd = self.disk.fd_for(held.pending(), offset);
+                Started::Transfer(Transfer::data(op, fd, offset, held, request.data, request.status))
+            }
+            Err(error) => Started::Done(self.complete(status, Err(error.into()), access, queue)),
+        }
+    }
+
+    /// Completes a transfer the engine ran, with its `result`: counts what
+    /// moved (and marks it in the dirty log), writes the status.
+    pub fn finish(
+        &self,
+        transfer: Transfer,
+        result: Result<(), RequestError>,
+        access: &RamAccess,
+        queue: &DeviceQueue,
+    ) -> Outcome {
+        let written = match transfer.op() {
+            DiskOp::Read => {
+                // A failed read may have written any part of the buffers.
+                let moved = match &result {
+                    Ok(()) => transfer.done(),
+                    Err(_) => transfer.bufs().iter().map(|b| u64::from(b.len)).sum(),
+                };
+                access.disk_wrote(transfer.bufs(), moved);
+                transfer.done()
+            }
+            DiskOp::Write { .. } => {
+                access.disk_read(transfer.done());
+                0
+            }
+            DiskOp::Flush => 0,
+        };
+        self.complete(Some(transfer.status()), result.map(|()| written), access, queue)
+    }
+
+    /// Counts the request, logs its error (once per kind), writes its status.
+    fn complete(
+        &self,
+        status_addr: Option<GuestAddress>,
+        outcome: Result<u64, RequestError>,
+        access: &RamAccess,
+        queue: &DeviceQueue,
+    ) -> Outcome {
         if matches!(outcome, Err(RequestError::Access(AccessError::Cancelled))) {
             return Outcome::Abandoned;
         }
@@ -212,27 +336,6 @@ impl BlkDevice {
             Ok(_) => Outcome::Completed(u32::try_from(written + 1).unwrap_or(u32::MAX)),
             Err(AccessError::Cancelled) => Outcome::Abandoned,
             Err(_) => Outcome::Completed(0),
-        }
-    }
-
-    /// Executes a valid request; returns the data bytes written to the guest.
-    fn execute(&self, request: &BlkRequest, access: &RamAccess) -> Result<u64, RequestError> {
-        let file = self.disk.file();
-        match request.op {
-            Op::Read { sector } => Ok(access.disk_to_guest(&request.data, file, sector * SECTOR_SIZE)?),
-            Op::Write { sector } => {
-                access.guest_to_disk(&request.data, file, sector * SECTOR_SIZE)?;
-                Ok(0)
-            }
-            Op::Flush => {
-                self.disk.flush()?;
-                Ok(0)
-            }
-            Op::GetId => Ok(access.write_into(&request.data, &self.id)?),
-            Op::Discard | Op::WriteZeroes => {
-                self.discard_or_zero(request, access)?;
-                Ok(0)
-            }
         }
     }
 

@@ -90,9 +90,12 @@ pub enum RequestError {
     /// A guest buffer outside guest RAM, or the disk I/O failing.
     #[error(transparent)]
     Access(#[from] AccessError),
-    /// A disk operation other than a transfer failed.
+    /// A disk operation failed.
     #[error("disk: {0}")]
     Disk(#[from] std::io::Error),
+    /// The disk ended before the transfer did (the image shrank under us).
+    #[error("disk I/O stopped after {done} of {wanted} bytes")]
+    Short { done: u64, wanted: u64 },
 }
 
 impl RequestError {
@@ -118,7 +121,7 @@ impl RequestError {
             RequestError::Unsupported(_) => 8,
             RequestError::UnsupportedFlags(_) => 9,
             RequestError::Access(AccessError::NotRam { .. }) => 10,
-            RequestError::Access(_) | RequestError::Disk(_) => 11,
+            RequestError::Access(_) | RequestError::Disk(_) | RequestError::Short { .. } => 11,
             RequestError::BrokenChain => 12,
             RequestError::Wraps => 13,
         }

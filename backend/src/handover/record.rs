@@ -60,6 +60,8 @@ pub struct HandoverRecord {
     pub requester: Option<Requester>,
     /// Each device queue's counters, so that `query-device` goes on.
     pub queue_counters: Vec<QueueCounters>,
+    /// Whether the guest has the device's write cache on (WCE).
+    pub write_cache: bool,
     /// CLOCK_MONOTONIC nanoseconds when the pause began (the clock goes on
     /// across exec).
     pub paused_at_ns: u64,
@@ -128,6 +130,7 @@ mod tests {
             connections: Vec::new(),
             requester: Some(Requester { fd: 9, id: Some(RequestId::from(12)), program: "/bin/gmemd".into() }),
             queue_counters: vec![QueueCounters { requests: 3, errors: 1, bytes_to_guest: 4096, bytes_from_guest: 512 }],
+            write_cache: false,
             paused_at_ns: 1,
         };
         let file = record.to_memfd().expect("memfd");

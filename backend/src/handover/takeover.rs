@@ -11,7 +11,7 @@ use std::sync::Arc;
 use gmem_protocol::{ErrorClass, ErrorReply, Reply, UpgradeInfo};
 
 use super::record::HandoverRecord;
-use crate::blk::{Disk, DiskError};
+use crate::blk::{CacheMode, Disk, DiskError};
 use crate::daemon::{Daemon, FrontendStatus};
 use crate::memory::{RegionError, RegionSet};
 use crate::record::ConnectionRecord;
@@ -114,9 +114,11 @@ impl Takeover {
     }
 
     /// The disk image, known as `path`.
-    pub fn disk(&self, path: &Path, readonly: bool) -> Result<Disk, TakeoverError> {
+    pub fn disk(&self, path: &Path, readonly: bool, cache: CacheMode) -> Result<Disk, TakeoverError> {
         let fd = duplicate(self.record.disk, || "the disk image".into())?;
-        Disk::inherit(File::from(fd), path, readonly).map_err(TakeoverError::Disk)
+        let disk = Disk::inherit(File::from(fd), path, readonly, cache).map_err(TakeoverError::Disk)?;
+        disk.set_write_cache(self.record.write_cache);
+        Ok(disk)
     }
 
     /// The vhost-user and control listening sockets.

@@ -138,6 +138,7 @@ impl Upgrader {
                         program: program.display().to_string(),
                     }),
                     queue_counters: self.daemon.device.queues().iter().map(|q| q.counters()).collect(),
+                    write_cache: self.daemon.device.disk().write_cache(),
                     paused_at_ns,
                 };
                 self.exec(&program, &record)

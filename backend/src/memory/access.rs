@@ -2,8 +2,10 @@
 //! guest RAM.
 //!
 //! Every request buffer is checked against the current memory table before
-//! the request runs and is then moved with `preadv`/`pwritev` straight
-//! between the disk and guest RAM (no bounce buffer). Every byte is counted,
+//! the request runs and resolved to host iovecs held in a [`HeldBufs`]
+//! guard, which keeps the memory table's mappings alive until the disk
+//! operation on them has completed; the disk moves the data straight
+//! between the image and guest RAM (no bounce buffer). Every byte is counted,
 //! so `query-device` can tell what the device did to guest memory. Migration
 //! hooks live here too: every write is marked in the dirty log, and during
 //! postcopy every page is faulted in (and timed) before the transfer. Ring
@@ -11,10 +13,8 @@
 //! same `GuestRam`, whose views bound every access; the worker reports its
 //! used-ring writes through [`RamAccess::ring_written`].
 
-use std::fs::File;
-use std::io;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
@@ -61,12 +61,6 @@ pub enum AccessError {
     /// Part of the range is not in the frontend's memory table.
     #[error("guest range {addr:#x}+{len:#x} is not guest RAM")]
     NotRam { addr: u64, len: u64 },
-    /// The disk I/O failed.
-    #[error("disk I/O: {0}")]
-    Io(#[from] io::Error),
-    /// The disk ended before the transfer did (the image shrank under us).
-    #[error("disk I/O stopped after {done} of {wanted} bytes")]
-    Short { done: u64, wanted: u64 },
     /// A postcopy page the request needs will not arrive.
     #[error(transparent)]
     Missing(#[from] MissingPage),
@@ -76,10 +70,63 @@ pub enum AccessError {
     Cancelled,
 }
 
+/// Linux's IOV_MAX: the most iovecs one readv/writev takes.
+pub const IOV_MAX: usize = 1024;
+
+/// Guest buffers resolved to host iovecs, and the memory table snapshot
+/// that maps them: while this lives, the iovecs point into mapped guest
+/// RAM, whatever table the frontend sets meanwhile. A transfer that moved
+/// only part of them goes on from where it stopped ([`HeldBufs::advance`]).
+#[derive(Debug)]
+pub struct HeldBufs {
+    iovecs: Vec<libc::iovec>,
+    /// The first iovec not wholly moved yet.
+    first: usize,
+    _ram: Arc<GuestRam>,
+}
+
+// SAFETY: the iovecs point into mappings that `_ram` keeps alive; guest RAM
+// is shared memory that any thread may access, and nothing else aliases
+// these raw pointers as Rust references.
+unsafe impl Send for HeldBufs {}
+
+impl HeldBufs {
+    /// The iovecs still to move, at most [`IOV_MAX`] of them.
+    pub fn pending(&self) -> &[libc::iovec] {
+        &self.iovecs[self.first..self.iovecs.len().min(self.first + IOV_MAX)]
+    }
+
+    /// The bytes still to move.
+    pub fn len(&self) -> u64 {
+        self.iovecs[self.first..].iter().map(|iov| iov.iov_len as u64).sum()
+    }
+
+    /// Whether every byte has moved.
+    pub fn is_empty(&self) -> bool {
+        self.first == self.iovecs.len()
+    }
+
+    /// `n` more bytes moved, at most what [`pending`](Self::pending) holds.
+    pub fn advance(&mut self, mut n: usize) {
+        while n > 0 && self.first < self.iovecs.len() {
+            let iov = &mut self.iovecs[self.first];
+            let step = n.min(iov.iov_len);
+            // SAFETY: `step` is within the iovec, so the new base stays
+            // inside the same checked guest range.
+            iov.iov_base = unsafe { iov.iov_base.cast::<u8>().add(step).cast() };
+            iov.iov_len -= step;
+            n -= step;
+            if iov.iov_len == 0 {
+                self.first += 1;
+            }
+        }
+    }
+}
+
 /// Checked, counted access to one `GuestRam` snapshot.
 #[derive(Debug)]
 pub struct RamAccess<'a> {
-    ram: &'a GuestRam,
+    ram: &'a Arc<GuestRam>,
     counters: &'a AccessCounters,
     tracking: &'a Tracking,
     /// Set when the queue is stopped: a request that waited on a postcopy
@@ -87,12 +134,9 @@ pub struct RamAccess<'a> {
     stopped: Option<&'a AtomicBool>,
 }
 
-/// Linux's IOV_MAX: the most iovecs one preadv/pwritev takes.
-const IOV_MAX: usize = 1024;
-
 impl<'a> RamAccess<'a> {
     /// Access to `ram`, counted in `counters`, with migration `tracking`.
-    pub fn new(ram: &'a GuestRam, counters: &'a AccessCounters, tracking: &'a Tracking) -> Self {
+    pub fn new(ram: &'a Arc<GuestRam>, counters: &'a AccessCounters, tracking: &'a Tracking) -> Self {
         RamAccess { ram, counters, tracking, stopped: None }
     }
 
@@ -108,7 +152,7 @@ impl<'a> RamAccess<'a> {
     }
 
     /// During postcopy, faults in the pages of `bufs` that have not arrived.
-    fn fault_in(&self, bufs: &[GuestBuf]) -> Result<(), AccessError> {
+    pub fn fault_in(&self, bufs: &[GuestBuf]) -> Result<(), AccessError> {
         if !self.tracking.stats.faults_possible() {
             return Ok(());
         }
@@ -184,22 +228,28 @@ impl<'a> RamAccess<'a> {
         result.map(|()| done as u64)
     }
 
-    /// Reads the disk at `offset` into the guest buffers, in order.
-    pub fn disk_to_guest(&self, bufs: &[GuestBuf], disk: &File, offset: u64) -> Result<u64, AccessError> {
-        let done = self.transfer(bufs, disk, offset, Direction::DiskToGuest);
-        match &done {
-            Ok(done) => self.wrote(bufs, *done),
-            // A failed read may still have written part of the buffers.
-            Err(_) => bufs.iter().for_each(|b| self.tracking.log.mark(b.addr.0, u64::from(b.len))),
+    /// Resolves `bufs` for a disk transfer, faulting in (during postcopy)
+    /// pages that have not arrived; the guard keeps them mapped until the
+    /// transfer is over.
+    pub fn hold(&self, bufs: &[GuestBuf]) -> Result<HeldBufs, AccessError> {
+        let iovecs = self.iovecs(bufs)?;
+        if self.tracking.stats.faults_possible() {
+            self.await_pages(&iovecs)?;
         }
-        done
+        let first = iovecs.iter().position(|iov| iov.iov_len > 0).unwrap_or(iovecs.len());
+        Ok(HeldBufs { iovecs, first, _ram: Arc::clone(self.ram) })
     }
 
-    /// Writes the guest buffers, in order, to the disk at `offset`.
-    pub fn guest_to_disk(&self, bufs: &[GuestBuf], disk: &File, offset: u64) -> Result<u64, AccessError> {
-        let done = self.transfer(bufs, disk, offset, Direction::GuestToDisk)?;
-        self.counters.from_guest.fetch_add(done, Ordering::Relaxed);
-        Ok(done)
+    /// The disk wrote `bytes` into `bufs` (a read request): counted, and
+    /// marked in the dirty log. A failed read may have written part of the
+    /// buffers, so the caller passes their whole length then.
+    pub fn disk_wrote(&self, bufs: &[GuestBuf], bytes: u64) {
+        self.wrote(bufs, bytes);
+    }
+
+    /// The disk read `bytes` from guest buffers (a write request).
+    pub fn disk_read(&self, bytes: u64) {
+        self.counters.from_guest.fetch_add(bytes, Ordering::Relaxed);
     }
 
     /// Resolves guest buffers to host iovecs, refusing any byte that is not
@@ -220,74 +270,13 @@ impl<'a> RamAccess<'a> {
         }
         Ok(iovecs)
     }
-
-    fn transfer(&self, bufs: &[GuestBuf], disk: &File, offset: u64, direction: Direction) -> Result<u64, AccessError> {
-        let mut iovecs = self.iovecs(bufs)?;
-        if self.tracking.stats.faults_possible() {
-            self.await_pages(&iovecs)?;
-        }
-        let wanted: u64 = iovecs.iter().map(|iov| iov.iov_len as u64).sum();
-        let mut done = 0u64;
-        let mut first = 0usize;
-        while first < iovecs.len() {
-            let batch = &iovecs[first..iovecs.len().min(first + IOV_MAX)];
-            let position = libc::off_t::try_from(offset + done)
-                .map_err(|_| AccessError::Io(io::Error::from_raw_os_error(libc::EOVERFLOW)))?;
-            // The batch is at most IOV_MAX long.
-            let count = libc::c_int::try_from(batch.len())
-                .map_err(|_| AccessError::Io(io::Error::from_raw_os_error(libc::EINVAL)))?;
-            // SAFETY: every iovec points into a live mapping of guest RAM held
-            // by `self.ram` for the duration of the call, and lies within the
-            // bounds `get_slices` checked. The kernel reads or writes only
-            // those ranges; guest RAM is shared memory that any content may
-            // occupy, so no Rust invariant depends on it.
-            let n = unsafe {
-                match direction {
-                    Direction::DiskToGuest => libc::preadv(disk.as_raw_fd(), batch.as_ptr(), count, position),
-                    Direction::GuestToDisk => libc::pwritev(disk.as_raw_fd(), batch.as_ptr(), count, position),
-                }
-            };
-            if n < 0 {
-                let error = io::Error::last_os_error();
-                if error.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(error.into());
-            }
-            if n == 0 {
-                return Err(AccessError::Short { done, wanted });
-            }
-            // n > 0 and at most the batch's length, so it fits a usize.
-            let mut advanced = n as usize;
-            done += advanced as u64;
-            while advanced > 0 {
-                let iov = &mut iovecs[first];
-                let step = advanced.min(iov.iov_len);
-                // SAFETY: `step` is within the iovec, so the new base stays
-                // inside the same checked guest range.
-                iov.iov_base = unsafe { iov.iov_base.cast::<u8>().add(step).cast() };
-                iov.iov_len -= step;
-                advanced -= step;
-                if iov.iov_len == 0 {
-                    first += 1;
-                }
-            }
-        }
-        Ok(done)
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Direction {
-    DiskToGuest,
-    GuestToDisk,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsRawFd;
     use std::os::unix::fs::FileExt;
-    use std::sync::Arc;
 
     use crate::memory::{Backing, MemRegionDesc, MemoryTable, RegionSet, RegionSpec};
 
@@ -306,11 +295,11 @@ mod tests {
     }
 
     #[test]
-    fn transfers_span_views_and_are_counted() {
+    fn held_buffers_span_views_and_outlive_the_table() {
         let (_regions, ram) = ram();
+        let ram = Arc::new(ram);
         let counters = AccessCounters::default();
         let tracking = Tracking::new(Arc::default(), false);
-        let access = RamAccess::new(&ram, &counters, &tracking);
         let disk = tempfile::tempfile().expect("disk");
         let data: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
         disk.write_all_at(&data, 0).expect("fill");
@@ -319,14 +308,35 @@ mod tests {
             GuestBuf { addr: GuestAddress((1 << 20) - 4096), len: 6144 },
             GuestBuf { addr: GuestAddress(0x2000), len: 2048 },
         ];
-        assert_eq!(access.disk_to_guest(&bufs, &disk, 0).expect("read"), 8192);
-        assert_eq!(counters.bytes_to_guest(), 8192);
-        let out = tempfile::tempfile().expect("out");
-        assert_eq!(access.guest_to_disk(&bufs, &out, 4096).expect("write"), 8192);
-        assert_eq!(counters.bytes_from_guest(), 8192);
-        let mut back = vec![0u8; 8192];
-        out.read_exact_at(&mut back, 4096).expect("readback");
-        assert_eq!(back, data);
+        let mut held = RamAccess::new(&ram, &counters, &tracking).hold(&bufs).expect("hold");
+        assert_eq!((held.pending().len(), held.len()), (3, 8192), "the straddling buffer is two iovecs");
+        // The guard alone keeps the mappings: the table snapshot is gone here.
+        drop(ram);
+        let iovecs = held.pending().to_vec();
+        // SAFETY: the iovecs point into guest RAM that `held` keeps mapped.
+        let n = unsafe { libc::preadv(disk.as_raw_fd(), iovecs.as_ptr(), iovecs.len() as i32, 0) };
+        assert_eq!(n, 8192);
+        let first = iovecs[0];
+        // SAFETY: as above; the first iovec is at least one byte long.
+        assert_eq!(unsafe { *first.iov_base.cast::<u8>() }, data[0]);
+        // Moving part of the second iovec leaves the rest of it pending.
+        held.advance(4096 + 100);
+        assert_eq!((held.pending().len(), held.len()), (2, 8192 - 4196));
+        assert_eq!(held.pending()[0].iov_base as usize, iovecs[1].iov_base as usize + 100);
+        held.advance(8192);
+        assert!(held.is_empty() && held.pending().is_empty());
+    }
+
+    #[test]
+    fn what_the_disk_moved_is_counted() {
+        let (_regions, ram) = ram();
+        let ram = Arc::new(ram);
+        let counters = AccessCounters::default();
+        let tracking = Tracking::new(Arc::default(), false);
+        let access = RamAccess::new(&ram, &counters, &tracking);
+        access.disk_wrote(&[GuestBuf { addr: GuestAddress(0), len: 4096 }], 4096);
+        access.disk_read(512);
+        assert_eq!((counters.bytes_to_guest(), counters.bytes_from_guest()), (4096, 512));
     }
 
     #[test]
@@ -338,16 +348,15 @@ mod tests {
         log_file.set_len(128).expect("size");
         tracking.log.set_base(log_file.try_clone().expect("dup"), 128, 0).expect("map");
         tracking.log.set_enabled(true);
+        let ram = Arc::new(ram);
         let access = RamAccess::new(&ram, &counters, &tracking);
-        let disk = tempfile::tempfile().expect("disk");
-        disk.set_len(1 << 20).expect("size");
         let page = |n: u64| GuestAddress(n * 4096);
         // Disk reads into pages 3-4 and 9; a status byte into page 20; a
         // write to disk (the device only reads RAM) from page 30.
         let read = [GuestBuf { addr: GuestAddress(3 * 4096 + 100), len: 4096 }, GuestBuf { addr: page(9), len: 512 }];
-        access.disk_to_guest(&read, &disk, 0).expect("read");
+        access.disk_wrote(&read, 4096 + 512);
         access.write_into(&[GuestBuf { addr: page(20), len: 1 }], &[0]).expect("status");
-        access.guest_to_disk(&[GuestBuf { addr: page(30), len: 4096 }], &disk, 0).expect("write");
+        access.disk_read(4096);
         access.ring_written(page(40), 6);
         let mut bitmap = [0u8; 8];
         log_file.read_exact_at(&mut bitmap, 0).expect("read log");
@@ -360,9 +369,8 @@ mod tests {
         let (_regions, ram) = ram();
         let counters = AccessCounters::default();
         let tracking = Tracking::new(Arc::default(), false);
+        let ram = Arc::new(ram);
         let access = RamAccess::new(&ram, &counters, &tracking);
-        let disk = tempfile::tempfile().expect("disk");
-        disk.set_len(1 << 20).expect("size");
         for buf in [
             GuestBuf { addr: GuestAddress((2 << 20) - 10), len: 20 },
             GuestBuf { addr: GuestAddress(u64::MAX - 5), len: 100 },
@@ -370,24 +378,11 @@ mod tests {
         ] {
             assert!(matches!(access.check(buf), Err(AccessError::NotRam { .. })));
             let good = GuestBuf { addr: GuestAddress(0), len: 512 };
-            assert!(access.disk_to_guest(&[good, buf], &disk, 0).is_err());
+            assert!(access.hold(&[good, buf]).is_err());
         }
-        assert_eq!(counters.bytes_to_guest(), 0);
         let hole = GuestBuf { addr: GuestAddress(2 << 20), len: 1 };
         assert!(access.write_into(&[hole], &[1]).is_err());
         let mut byte = [0u8];
         assert!(access.read_into(&[hole], &mut byte).is_err());
-    }
-
-    #[test]
-    fn reads_past_the_end_of_the_disk_are_short() {
-        let (_regions, ram) = ram();
-        let counters = AccessCounters::default();
-        let tracking = Tracking::new(Arc::default(), false);
-        let access = RamAccess::new(&ram, &counters, &tracking);
-        let disk = tempfile::tempfile().expect("disk");
-        disk.set_len(1024).expect("size");
-        let buf = GuestBuf { addr: GuestAddress(0), len: 4096 };
-        assert!(matches!(access.disk_to_guest(&[buf], &disk, 0), Err(AccessError::Short { done: 1024, .. })));
     }
 }

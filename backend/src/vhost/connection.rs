@@ -341,7 +341,13 @@ impl FrontendConnection {
 
     /// GET_CONFIG: `None` when the window is outside the config space.
     pub fn get_config(&self, offset: u32, size: u32) -> Option<Vec<u8>> {
-        self.daemon.device.config().read(offset, size)
+        self.daemon.device.read_config(offset, size)
+    }
+
+    /// SET_CONFIG: the driver toggling the write cache (WCE); any other
+    /// write is refused.
+    pub fn set_config(&self, offset: u32, bytes: &[u8]) -> Result<(), Refusal> {
+        self.daemon.device.write_config(offset, bytes).map_err(nack)
     }
 
     /// GET_INFLIGHT_FD: a new, empty inflight region for `num_queues` of

@@ -367,9 +367,11 @@ fn carry_out(connection: &mut FrontendConnection, message: &mut Message) -> Resu
             Ok(Reply::Payload(out, Vec::new()))
         }
         SET_CONFIG => {
-            let (config, _) = message.prefix::<VhostUserConfig>().map_err(broken)?;
-            let offset = config.offset;
-            Err(Refusal::Nack(format!("config space is read-only (write at offset {offset})")))
+            let (config, rest) = message.prefix::<VhostUserConfig>().map_err(broken)?;
+            if rest.len() != config.size as usize {
+                return Err(Refusal::Close("SET_CONFIG whose size does not match its payload".into()));
+            }
+            connection.set_config(config.offset, rest).map(|()| Reply::Ack)
         }
         SET_LOG_BASE => {
             let log = message.payload::<VhostUserLog>().map_err(broken)?;

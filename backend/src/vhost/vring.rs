@@ -82,7 +82,8 @@ pub struct Vring {
 
 #[derive(Debug)]
 struct Worker {
-    thread: JoinHandle<QueueEnd>,
+    /// Ends with where it left the ring, or why it could not run it.
+    thread: JoinHandle<std::io::Result<QueueEnd>>,
     wake: EventFd,
     stop: Arc<AtomicBool>,
 }
@@ -204,24 +205,48 @@ impl Vring {
             let os = |source| VringError::Os { index, source };
             let wake = crate::sys::eventfd().map_err(os)?;
             let stop = Arc::new(AtomicBool::new(false));
-            let run = QueueRun {
-                queue,
-                resubmit,
-                inflight,
-                kick: kick.try_clone().map_err(os)?,
-                wake: wake.try_clone().map_err(os)?,
-                stop: Arc::clone(&stop),
-                enabled: Arc::clone(&self.enabled),
-                call: Arc::clone(&self.call),
-                err: Arc::clone(&self.err),
-                ctx: ctx.clone(),
-                index,
-                used_ring: (GuestAddress(addrs.used), used_ring_len(self.size)),
-                broken: false,
-                pages_replaced: crate::memory::truncation::pages_replaced(),
+            let (kick, worker_wake) = (kick.try_clone().map_err(os)?, wake.try_clone().map_err(os)?);
+            let (enabled, call, err, ctx, size) =
+                (Arc::clone(&self.enabled), Arc::clone(&self.call), Arc::clone(&self.err), ctx.clone(), self.size);
+            let worker_stop = Arc::clone(&stop);
+            let used_ring = (GuestAddress(addrs.used), used_ring_len(self.size));
+            let body = move || {
+                // Made on the thread that submits to it (a single-issuer ring).
+                let disk = match crate::blk::aio::engine(ctx.device.aio().0, size) {
+                    Ok(disk) => disk,
+                    Err(error) => {
+                        log::warn!("vring {index}: no io_uring ({error}); this queue does one I/O at a time");
+                        match crate::blk::aio::engine(crate::blk::aio::AioKind::Sync, size) {
+                            Ok(disk) => disk,
+                            Err(error) => {
+                                ctx.device.queues()[usize::from(index)].release(ctx.owner);
+                                return Err(error);
+                            }
+                        }
+                    }
+                };
+                let run = QueueRun {
+                    queue,
+                    resubmit,
+                    inflight,
+                    kick,
+                    wake: worker_wake,
+                    stop: worker_stop,
+                    enabled,
+                    call,
+                    err,
+                    ctx,
+                    index,
+                    used_ring,
+                    broken: false,
+                    pages_replaced: crate::memory::truncation::pages_replaced(),
+                    disk,
+                    in_flight: Default::default(),
+                    completions: Vec::new(),
+                };
+                Ok(run.run())
             };
-            let thread =
-                std::thread::Builder::new().name(format!("vring-{index}")).spawn(move || run.run()).map_err(os)?;
+            let thread = std::thread::Builder::new().name(format!("vring-{index}")).spawn(body).map_err(os)?;
             Ok(Worker { thread, wake, stop })
         });
         match started {
@@ -256,7 +281,8 @@ impl Vring {
             worker.stop.store(true, Ordering::Release);
             let _ = worker.wake.write(1);
             match worker.thread.join() {
-                Ok(end) => (self.next_avail, self.next_used) = (end.next_avail, end.next_used),
+                Ok(Ok(end)) => (self.next_avail, self.next_used) = (end.next_avail, end.next_used),
+                Ok(Err(error)) => log::error!("vring {}: the worker could not start: {error}", self.index),
                 Err(_) => log::error!("vring {}: worker thread panicked; keeping base {}", self.index, self.next_avail),
             }
         }

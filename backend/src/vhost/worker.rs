@@ -1,11 +1,15 @@
 //! `QueueRun`: the worker thread that runs one started vring.
 //!
-//! It takes requests from the available ring, executes them on the device
-//! and publishes each used entry, tracking what is in flight in the
-//! connection's inflight region when there is one. A ring the driver
-//! corrupted, or that guest RAM no longer holds, stops the queue (it is
-//! reported on the ring's error eventfd and in `query-device`) instead of
-//! being retried in a loop.
+//! It takes requests from the available ring and starts them on the
+//! device; reads, writes and flushes go to the queue's disk engine
+//! ([`AsyncDisk`]), up to its depth at once, and each is published on the
+//! used ring when it completes, in whatever order that is (virtio-blk
+//! allows it). What is in flight is tracked in the connection's inflight
+//! region when there is one. A ring the driver corrupted, or that guest RAM
+//! no longer holds, stops the queue (it is reported on the ring's error
+//! eventfd and in `query-device`) instead of being retried in a loop.
+//! Stopping the worker (GET_VRING_BASE, a pause, a disconnect) lets every
+//! request in flight complete first, so a stopped ring has none.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,7 +21,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::chain::DescChain;
 use super::inflight::InflightQueue;
 use super::vring::WorkerContext;
-use crate::blk::Outcome;
+use crate::blk::aio::{AsyncDisk, Completion};
+use crate::blk::{Outcome, RequestError, Started, Transfer};
 use crate::memory::{GuestRam, RamAccess};
 
 /// Where a stopped worker left its ring.
@@ -27,6 +32,44 @@ pub struct QueueEnd {
     pub next_avail: u16,
     /// Next used entry to write.
     pub next_used: u16,
+}
+
+/// A request whose disk operation is in flight.
+#[derive(Debug)]
+struct InFlight {
+    head: u16,
+    transfer: Transfer,
+}
+
+/// The requests in flight, by tag (their slot).
+#[derive(Debug, Default)]
+pub(super) struct InFlightTable {
+    slots: Vec<Option<InFlight>>,
+    free: Vec<usize>,
+    count: usize,
+}
+
+impl InFlightTable {
+    fn insert(&mut self, entry: InFlight) -> usize {
+        self.count += 1;
+        match self.free.pop() {
+            Some(slot) => {
+                self.slots[slot] = Some(entry);
+                slot
+            }
+            None => {
+                self.slots.push(Some(entry));
+                self.slots.len() - 1
+            }
+        }
+    }
+
+    fn remove(&mut self, slot: usize) -> Option<InFlight> {
+        let entry = self.slots.get_mut(slot)?.take()?;
+        self.free.push(slot);
+        self.count -= 1;
+        Some(entry)
+    }
 }
 
 /// A running queue, owned by its worker thread.
@@ -50,14 +93,22 @@ pub(super) struct QueueRun {
     pub broken: bool,
     /// Guest-RAM pages lost to truncation that this worker reported.
     pub pages_replaced: u64,
+    /// The queue's disk engine.
+    pub disk: Box<dyn AsyncDisk>,
+    /// Requests whose disk operation is in flight.
+    pub in_flight: InFlightTable,
+    /// Completions taken from the engine, reused between batches.
+    pub completions: Vec<Completion>,
 }
 
-/// What became of one request.
+/// What became of a request the worker took.
 #[derive(Debug, PartialEq, Eq)]
-enum Executed {
+enum Taken {
     /// Done, and its used entry published.
     Published,
-    /// Not completed: the queue was stopped while it waited for a guest page.
+    /// Handed to the disk engine.
+    Submitted,
+    /// Not started: the queue was stopped while it waited for a guest page.
     Abandoned,
     /// Done, but the used ring could not be written: the ring stops.
     RingFailed,
@@ -88,19 +139,20 @@ impl QueueRun {
                 self.process();
             }
             match self.wait() {
-                Some(kicked) => pending = kicked,
+                Some(ready) => pending = ready,
                 None => break,
             }
         }
+        self.drain();
         device_queue.release(self.ctx.owner);
         QueueEnd { next_avail: self.queue.next_avail(), next_used: self.queue.next_used() }
     }
 
-    /// Waits for a kick or a wake-up; `Some(true)` when the ring may have
-    /// work, `None` when polling itself failed.
+    /// Waits for a kick, a completion or a wake-up; `Some(true)` when there
+    /// may be work, `None` when polling itself failed.
     fn wait(&self) -> Option<bool> {
-        match crate::sys::poll_readable([&self.kick, &self.wake]) {
-            Ok([kicked, woken]) => {
+        match crate::sys::poll_readable([&self.kick, &self.wake, self.disk.notifier()]) {
+            Ok([kicked, woken, completed]) => {
                 // The kick fd is a non-blocking counter eventfd (checked when
                 // the frontend sent it): one read clears it.
                 if kicked {
@@ -109,7 +161,7 @@ impl QueueRun {
                 if woken {
                     let _ = self.wake.read();
                 }
-                Some(true)
+                Some(kicked || woken || completed)
             }
             Err(error) => {
                 log::error!("vring {}: poll failed: {error}", self.index);
@@ -132,43 +184,47 @@ impl QueueRun {
         !self.stop.load(Ordering::Acquire) && self.enabled.load(Ordering::Acquire)
     }
 
-    /// Runs every available request, then signals the driver if it asked.
+    /// Publishes what completed, starts every available request the engine
+    /// has room for, then signals the driver if it asked.
     fn process(&mut self) {
-        let ram = self.ctx.ram.memory();
+        let ram = self.ctx.ram.memory().into_inner();
         let (device, tracking, stop) =
             (Arc::clone(&self.ctx.device), self.ctx.tracking.clone(), Arc::clone(&self.stop));
         let access =
             RamAccess::new(&ram, &device.queues()[usize::from(self.index)].access, &tracking).stopped_by(&stop);
-        let mut used_any = false;
+        let mut used_any = self.reap_ready(&access, &ram);
         // Requests found in flight at start, in the order they were taken.
-        // One that does not complete stays in flight in the region.
+        // One that does not start stays in flight in the region.
         for head in std::mem::take(&mut self.resubmit) {
-            used_any |= self.execute(head, &access, &ram) == Executed::Published;
+            used_any |= self.take(head, &access, &ram) == Taken::Published;
         }
         loop {
             // Stop between requests, not after draining the ring: a busy
             // guest must not hold up GET_VRING_BASE, a disable or a pause.
-            while self.running() && !self.broken {
+            while self.running() && !self.broken && self.in_flight.count < self.disk.depth() {
                 match self.next_head(&ram) {
                     Ok(Some(head)) => {
                         if let Some(inflight) = &mut self.inflight {
                             inflight.fetched(head);
                         }
-                        match self.execute(head, &access, &ram) {
-                            Executed::Published => used_any = true,
-                            Executed::Abandoned => {
+                        match self.take(head, &access, &ram) {
+                            Taken::Published => used_any = true,
+                            Taken::Abandoned => {
                                 // It stays available, for whoever runs the ring next.
                                 self.queue.go_to_previous_position();
                                 break;
                             }
-                            Executed::RingFailed => {}
+                            Taken::Submitted | Taken::RingFailed => {}
                         }
                     }
                     Ok(None) => break,
                     Err(fault) => self.fail(fault),
                 }
             }
-            if self.broken || !self.running() || !self.queue.event_idx_enabled() {
+            self.submit();
+            used_any |= self.reap_ready(&access, &ram);
+            let full = self.in_flight.count >= self.disk.depth();
+            if full || self.broken || !self.running() || !self.queue.event_idx_enabled() {
                 break;
             }
             // Re-enabling notifications races with the driver adding more
@@ -179,6 +235,38 @@ impl QueueRun {
                 Err(error) => self.fail(error.into()),
             }
         }
+        self.report_truncation();
+        self.notify(&access, &ram, used_any);
+    }
+
+    /// Waits for every request in flight to complete and publishes them:
+    /// a stopped ring has none in flight.
+    fn drain(&mut self) {
+        if self.in_flight.count == 0 {
+            return;
+        }
+        let ram = self.ctx.ram.memory().into_inner();
+        let (device, tracking) = (Arc::clone(&self.ctx.device), self.ctx.tracking.clone());
+        let access = RamAccess::new(&ram, &device.queues()[usize::from(self.index)].access, &tracking);
+        let mut used_any = false;
+        while self.in_flight.count > 0 {
+            self.submit();
+            match self.reap(&access, &ram, 1) {
+                Ok(used) => used_any |= used,
+                Err(error) => {
+                    log::error!(
+                        "vring {}: {} requests left in flight: taking disk completions failed: {error}",
+                        self.index,
+                        self.in_flight.count
+                    );
+                    break;
+                }
+            }
+        }
+        self.notify(&access, &ram, used_any);
+    }
+
+    fn report_truncation(&mut self) {
         let replaced = crate::memory::truncation::pages_replaced();
         if replaced != self.pages_replaced {
             self.pages_replaced = replaced;
@@ -187,11 +275,15 @@ impl QueueRun {
                  zeros; the guest's data there is lost"
             );
         }
+    }
+
+    /// Logs the used ring's writes and signals the driver if it asked.
+    fn notify(&mut self, access: &RamAccess, ram: &GuestRam, used_any: bool) {
         // Used elements, the used index and (EVENT_IDX) avail_event were
-        // written above; the ring is a few pages at most, so log all of it.
+        // written; the ring is a few pages at most, so log all of it.
         let (used_addr, used_len) = self.used_ring;
         access.ring_written(used_addr, used_len);
-        if used_any && self.queue.needs_notification(&*ram).unwrap_or(true) {
+        if used_any && self.queue.needs_notification(ram).unwrap_or(true) {
             if let Some(call) = self.call.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
                 // Non-blocking: a call fd at its maximum count already
                 // wakes its reader, and a write never holds this thread.
@@ -215,26 +307,113 @@ impl QueueRun {
         }
     }
 
-    /// Executes the chain headed by `head` and publishes its used entry.
-    fn execute(&mut self, head: u16, access: &RamAccess, ram: &GuestRam) -> Executed {
+    /// Starts the chain headed by `head`: completes it at once, or hands
+    /// its disk operation to the engine.
+    fn take(&mut self, head: u16, access: &RamAccess, ram: &GuestRam) -> Taken {
         let device = Arc::clone(&self.ctx.device);
         let device_queue = &device.queues()[usize::from(self.index)];
         let chain = DescChain::new(ram, GuestAddress(self.queue.desc_table()), self.queue.size(), head);
-        let len = match device.handle(chain, access, device_queue) {
-            Outcome::Completed(len) => len,
-            Outcome::Abandoned => return Executed::Abandoned,
+        match device.start(chain, access, device_queue) {
+            Started::Done(Outcome::Completed(len)) => self.publish(head, len, ram),
+            Started::Done(Outcome::Abandoned) => Taken::Abandoned,
+            Started::Transfer(transfer) => {
+                let slot = self.in_flight.insert(InFlight { head, transfer });
+                self.push(slot, access, ram)
+            }
+        }
+    }
+
+    /// Hands the next part of the transfer in `slot` to the engine; if the
+    /// engine refuses it, the request completes with that error.
+    fn push(&mut self, slot: usize, access: &RamAccess, ram: &GuestRam) -> Taken {
+        let Some(entry) = self.in_flight.slots[slot].as_ref() else { return Taken::Submitted };
+        let transfer = &entry.transfer;
+        // SAFETY: the transfer holds its guest buffers (`HeldBufs`: the
+        // iovecs and the memory table snapshot mapping them) in its slot
+        // until its completion is taken in `reap`; the iovec array is not
+        // changed meanwhile, and moving the slot does not move it.
+        let pushed = unsafe {
+            self.disk.push(transfer.op(), transfer.fd(), transfer.pending(), transfer.position(), slot as u64)
         };
+        match pushed {
+            Ok(()) => Taken::Submitted,
+            Err(error) => self.finish(slot, Err(error.into()), access, ram),
+        }
+    }
+
+    fn submit(&mut self) {
+        if let Err(error) = self.disk.submit() {
+            // The operations stay queued; the next submit hands them over.
+            log::warn!("vring {}: disk submission failed: {error}", self.index);
+        }
+    }
+
+    /// [`reap`](Self::reap)s the completions ready now.
+    fn reap_ready(&mut self, access: &RamAccess, ram: &GuestRam) -> bool {
+        self.reap(access, ram, 0).unwrap_or_else(|error| {
+            // They stay in the engine, for the next time.
+            log::error!("vring {}: taking disk completions failed: {error}", self.index);
+            false
+        })
+    }
+
+    /// Takes completions (waiting for at least `wait_for`), publishes the
+    /// requests they end and hands over the next part of those that moved
+    /// only part of their data. Returns whether anything was published.
+    fn reap(&mut self, access: &RamAccess, ram: &GuestRam, wait_for: usize) -> std::io::Result<bool> {
+        if self.in_flight.count == 0 {
+            return Ok(false);
+        }
+        let mut completions = std::mem::take(&mut self.completions);
+        let taken = self.disk.complete(wait_for, &mut completions);
+        let mut used_any = false;
+        for Completion { tag, result } in completions.drain(..) {
+            let slot = usize::try_from(tag).unwrap_or(usize::MAX);
+            let Some(entry) = self.in_flight.slots.get_mut(slot).and_then(Option::as_mut) else {
+                log::error!("vring {}: the disk completed an operation it was not given (tag {tag})", self.index);
+                continue;
+            };
+            let outcome = match result {
+                Ok(n) => entry.transfer.advance(n),
+                Err(error) if matches!(error.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) => Ok(false),
+                Err(error) => Err(RequestError::Disk(error)),
+            };
+            let taken = match outcome {
+                Ok(false) => self.push(slot, access, ram),
+                Ok(true) => self.finish(slot, Ok(()), access, ram),
+                Err(error) => self.finish(slot, Err(error), access, ram),
+            };
+            used_any |= taken == Taken::Published;
+        }
+        self.completions = completions;
+        taken.map(|()| used_any)
+    }
+
+    /// Completes the request in `slot` with `result` and publishes it.
+    fn finish(&mut self, slot: usize, result: Result<(), RequestError>, access: &RamAccess, ram: &GuestRam) -> Taken {
+        let Some(InFlight { head, transfer }) = self.in_flight.remove(slot) else { return Taken::RingFailed };
+        let device = Arc::clone(&self.ctx.device);
+        match device.finish(transfer, result, access, &device.queues()[usize::from(self.index)]) {
+            Outcome::Completed(len) => self.publish(head, len, ram),
+            // The data has moved; only the status byte could not be
+            // written (its page was faulted in when the request started).
+            Outcome::Abandoned => self.publish(head, 0, ram),
+        }
+    }
+
+    /// Publishes `head`'s used entry of `len` bytes.
+    fn publish(&mut self, head: u16, len: u32, ram: &GuestRam) -> Taken {
         if let Some(inflight) = &self.inflight {
             inflight.publishing(head);
         }
         if let Err(error) = self.queue.add_used(ram, head, len) {
             self.fail(error.into());
-            return Executed::RingFailed;
+            return Taken::RingFailed;
         }
         if let Some(inflight) = &self.inflight {
             inflight.published(head, self.queue.next_used());
         }
         self.ctx.tracking.stats.request_completed();
-        Executed::Published
+        Taken::Published
     }
 }
