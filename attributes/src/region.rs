@@ -177,24 +177,34 @@ struct Shard {
     map: Mutex<Extents>,
     /// One reference each: `first page << 32 | pages`, 0 when free.
     slots: Box<[AtomicU64]>,
-    /// Where to look for a free slot first.
-    hint: AtomicUsize,
+    /// One past the highest slot ever claimed: conversions scan no further.
+    /// Slots are claimed lowest first, so this stays near the most
+    /// references the shard had in flight at once.
+    high_water: AtomicUsize,
 }
 
 impl Shard {
     fn claim(&self, packed: u64) -> Option<usize> {
-        let count = self.slots.len();
-        let start = self.hint.load(Ordering::Relaxed);
-        for step in 0..count {
-            let index = (start + step) % count;
+        for (index, slot) in self.slots.iter().enumerate() {
             // Relaxed: the claim is made under the shard's lock, which
-            // orders it before any conversion that locks the shard later.
-            if self.slots[index].compare_exchange(0, packed, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
-                self.hint.store((index + 1) % count, Ordering::Relaxed);
+            // orders it (and the high-water mark) before any conversion that
+            // locks the shard later.
+            if slot.load(Ordering::Relaxed) == 0
+                && slot.compare_exchange(0, packed, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+            {
+                if index >= self.high_water.load(Ordering::Relaxed) {
+                    self.high_water.fetch_max(index + 1, Ordering::Relaxed);
+                }
                 return Some(index);
             }
         }
         None
+    }
+
+    /// The slots a reference may be in.
+    fn used_slots(&self) -> &[AtomicU64] {
+        let high_water = self.high_water.load(Ordering::Relaxed).min(self.slots.len());
+        &self.slots[..high_water]
     }
 }
 
@@ -254,7 +264,7 @@ impl RegionAttributes {
         let shard = Arc::new(Shard {
             map: Mutex::new(control.extents.clone()),
             slots: (0..slots).map(|_| AtomicU64::new(0)).collect(),
-            hint: AtomicUsize::new(0),
+            high_water: AtomicUsize::new(0),
         });
         let id = control.next_shard;
         control.next_shard += 1;
@@ -341,9 +351,9 @@ impl RegionAttributes {
                 found = Some((page, blocker));
             }
         };
-        let shards: Vec<Arc<Shard>> = lock(&self.inner.shards).iter().map(|(_, shard)| Arc::clone(shard)).collect();
-        for shard in &shards {
-            for slot in shard.slots.iter() {
+        // The data path never takes this lock: scanning under it costs it nothing.
+        for (_, shard) in lock(&self.inner.shards).iter() {
+            for slot in shard.used_slots() {
                 // Acquire: pairs with the release that frees the slot, so the
                 // device's accesses through a reference seen gone happened
                 // before whatever the caller does once conversion returns.
