@@ -41,6 +41,9 @@ pub struct DaemonOptions {
     /// How long a vring start waits for another connection to let go of
     /// the queue.
     pub queue_claim_patience: Duration,
+    /// How long a queue worker polls for new requests and completions
+    /// before it sleeps (`--poll-us`).
+    pub ring_poll: Duration,
     /// Test-only: keep dirty logging from marking anything, so a test can
     /// prove its verification catches a precopy that loses device writes.
     pub skip_dirty_log_marks: bool,

@@ -74,6 +74,7 @@ fn serve(args: Args, takeover: Option<Takeover>) -> Result<()> {
         max_frontends: usize::from(args.max_frontends),
         postcopy_orphan_timeout: Duration::from_secs(args.postcopy_orphan_timeout),
         queue_claim_patience: Duration::from_secs(5),
+        ring_poll: Duration::from_micros(u64::from(args.poll_us)),
         skip_dirty_log_marks: args.test_skip_dirty_log,
     };
     if options.skip_dirty_log_marks {

@@ -521,10 +521,12 @@ fn reset_device_on_a_second_connection_leaves_the_first_ones_queue_running() {
     assert_eq!(mem.read(BACK, KIB64 as usize), data);
 }
 
-/// Both disk engines serve the same requests; `query-device` says which runs.
+/// Both disk engines serve the same requests, with and without polling;
+/// `query-device` says which engine runs.
 #[test]
 fn both_disk_engines_serve_and_say_which_runs() {
-    for (args, engine) in [(&[][..], "io_uring"), (&["--aio", "sync"][..], "sync")] {
+    let cases = [(&[][..], "io_uring"), (&["--aio", "sync"][..], "sync"), (&["--poll-us", "50"][..], "io_uring")];
+    for (args, engine) in cases {
         let daemon = Gmemd::start(args);
         let (fe, mem, mut ring) = ready_frontend(&daemon);
         let data = pattern(KIB64 as usize, 7);

@@ -76,6 +76,7 @@ fn world() -> &'static World {
             max_frontends: 4,
             postcopy_orphan_timeout: Duration::ZERO,
             queue_claim_patience: Duration::ZERO,
+            ring_poll: Duration::ZERO,
             skip_dirty_log_marks: false,
         };
         let daemon = Arc::new(Daemon::new(regions, device, options, None).expect("daemon"));

@@ -77,6 +77,9 @@ pub trait AsyncDisk: Send + std::fmt::Debug {
     /// Readable when completions may be ready, for the worker's poll.
     fn notifier(&self) -> &EventFd;
 
+    /// Whether completions are ready now, without a system call.
+    fn ready(&mut self) -> bool;
+
     /// How many operations it holds at once.
     fn depth(&self) -> usize;
 }
@@ -163,6 +166,10 @@ impl AsyncDisk for UringDisk {
         &self.notifier
     }
 
+    fn ready(&mut self) -> bool {
+        !self.ring.completion().is_empty()
+    }
+
     fn depth(&self) -> usize {
         self.depth
     }
@@ -226,6 +233,10 @@ impl AsyncDisk for SyncDisk {
 
     fn notifier(&self) -> &EventFd {
         &self.notifier
+    }
+
+    fn ready(&mut self) -> bool {
+        !self.done.is_empty()
     }
 
     fn depth(&self) -> usize {

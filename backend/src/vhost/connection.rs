@@ -141,6 +141,7 @@ impl FrontendConnection {
             tracking: self.tracking.clone(),
             inflight: self.inflight.clone(),
             claim_patience: self.daemon.options.queue_claim_patience,
+            poll: self.daemon.options.ring_poll,
         }
     }
 

@@ -61,6 +61,8 @@ pub struct WorkerContext {
     pub inflight: Option<Arc<InflightRegion>>,
     /// How long a start waits for another connection to let go of the queue.
     pub claim_patience: Duration,
+    /// How long the worker polls its ring and engine before it sleeps.
+    pub poll: Duration,
 }
 
 /// One vring's configuration and, when started, its worker.

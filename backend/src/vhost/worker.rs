@@ -138,6 +138,10 @@ impl QueueRun {
             if pending && self.enabled.load(Ordering::Acquire) && !self.broken {
                 self.process();
             }
+            if self.poll() {
+                pending = true;
+                continue;
+            }
             match self.wait() {
                 Some(ready) => pending = ready,
                 None => break,
@@ -146,6 +150,27 @@ impl QueueRun {
         self.drain();
         device_queue.release(self.ctx.owner);
         QueueEnd { next_avail: self.queue.next_avail(), next_used: self.queue.next_used() }
+    }
+
+    /// Polls for up to `--poll-us` for the driver to add a request or the
+    /// engine to complete one; true when it did.
+    fn poll(&mut self) -> bool {
+        if self.ctx.poll.is_zero() || !self.running() || self.broken {
+            return false;
+        }
+        let ram = self.ctx.ram.memory();
+        let deadline = std::time::Instant::now() + self.ctx.poll;
+        while std::time::Instant::now() < deadline && self.running() {
+            let added = self
+                .queue
+                .avail_idx(&*ram, Ordering::Acquire)
+                .is_ok_and(|idx| idx.0 != self.queue.next_avail() && self.in_flight.count < self.disk.depth());
+            if added || self.disk.ready() {
+                return true;
+            }
+            std::hint::spin_loop();
+        }
+        false
     }
 
     /// Waits for a kick, a completion or a wake-up; `Some(true)` when there
@@ -222,7 +247,11 @@ impl QueueRun {
                 }
             }
             self.submit();
-            used_any |= self.reap_ready(&access, &ram);
+            // Completions are signalled as they come, not after the whole
+            // ring was taken: the driver can go on meanwhile.
+            if self.reap_ready(&access, &ram) {
+                self.notify(&access, &ram, true);
+            }
             let full = self.in_flight.count >= self.disk.depth();
             if full || self.broken || !self.running() || !self.queue.event_idx_enabled() {
                 break;
