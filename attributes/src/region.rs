@@ -246,6 +246,11 @@ impl RegionAttributes {
         })
     }
 
+    /// Whether `other` is this very region's map (not merely an equal one).
+    pub fn is(&self, other: &RegionAttributes) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     /// The region's size in bytes.
     pub fn size(&self) -> u64 {
         self.inner.size
@@ -452,15 +457,15 @@ impl RefShard {
 
     /// A reference to `[offset, offset + len)` if it is entirely shared:
     /// the device may touch the range until the reference is dropped.
-    pub fn acquire(&self, offset: u64, len: u64) -> Result<RangeRef<'_>, Denied> {
+    pub fn acquire(&self, offset: u64, len: u64) -> Result<RangeRef, Denied> {
         let (first, end) = self.region.pages(offset, len).ok_or(Denied::OutOfRange { offset, len })?;
         if first == end {
-            return Ok(RangeRef { shard: &self.shard, slot: None });
+            return Ok(RangeRef { shard: Arc::clone(&self.shard), slot: None });
         }
         let map = lock(&self.shard.map);
         // Take the reference, then check the attribute.
         let slot = self.shard.claim(pack(first, end)).ok_or(Denied::Full(self.shard.slots.len()))?;
-        let reference = RangeRef { shard: &self.shard, slot: Some(slot) };
+        let reference = RangeRef { shard: Arc::clone(&self.shard), slot: Some(slot) };
         match map.any_overlap(first, end) {
             None => Ok(reference),
             Some(State::Converting) => Err(Denied::Converting),
@@ -473,7 +478,7 @@ impl RefShard {
 
     /// Like [`RefShard::acquire`], but waits up to `wait` while the range is
     /// being converted, for the conversion to end one way or the other.
-    pub fn acquire_wait(&self, offset: u64, len: u64, wait: Duration) -> Result<RangeRef<'_>, Denied> {
+    pub fn acquire_wait(&self, offset: u64, len: u64, wait: Duration) -> Result<RangeRef, Denied> {
         let mut deadline = Deadline::new(Some(wait));
         loop {
             match self.acquire(offset, len) {
@@ -490,15 +495,17 @@ impl Drop for RefShard {
     }
 }
 
-/// A reference: while it lives, no conversion makes its range private.
+/// A reference: while it lives, no conversion makes its range private. It
+/// owns a share of its shard, so a request in flight can keep it as long
+/// as the request lasts.
 #[derive(Debug)]
 #[must_use = "the reference is let go of when dropped"]
-pub struct RangeRef<'a> {
-    shard: &'a Shard,
+pub struct RangeRef {
+    shard: Arc<Shard>,
     slot: Option<usize>,
 }
 
-impl Drop for RangeRef<'_> {
+impl Drop for RangeRef {
     fn drop(&mut self) {
         if let Some(slot) = self.slot {
             // Release: everything done through the reference happens before

@@ -362,3 +362,59 @@ fn unprivileged_gmemd_does_not_offer_postcopy_and_says_why() {
     assert_eq!(fe.read(&mem, &mut ring, 0, BUF, 512).1, S_OK);
     assert!(daemon.alive());
 }
+
+/// The reference protocol of private/shared conversion, deterministically:
+/// a request waiting for a postcopy page holds a reference on its buffer,
+/// so a conversion of that range fails with EAGAIN naming the offset, also
+/// after waiting; a range nobody references converts; once the request is
+/// done, its range converts too.
+#[test]
+fn a_request_in_flight_holds_its_buffer_against_conversion() {
+    let daemon = Gmemd::start(&[]);
+    let mut fe = daemon.frontend();
+    fe.handshake(POSTCOPY);
+    let mem = daemon.map_ram();
+    let mut ring = Ring::create(&mem, RING, QUEUE_SIZE);
+    header(&mem, T_IN, 0);
+    let uffd = fe.vu.postcopy_advise().expect("advise");
+    let service = FaultService { uffd };
+    fe.vu.postcopy_listen().expect("listen");
+    fe.vu.add_mem_region(&mem.whole()).expect("ADD_MEM_REG");
+    fe.vu.postcopy_ack_mem_regions(FrontendReq::ADD_MEM_REG).expect("ack");
+    fe.start_queue(&mem, &ring, 0).expect("start");
+    let head = ring.push(&mem, &[Desc::r(HDR, 16), Desc::w(BUF, 4096), status()]);
+    fe.kick.write(1).expect("kick");
+    let fault = service.next_fault(TIMEOUT).expect("the device waits on the missing page");
+
+    let region = daemon.region().id;
+    let convert = |offset: u64, wait_ms: Option<u64>| {
+        daemon.ctl().execute::<serde_json::Value>(&gmem_protocol::Command::SetMemoryAttributes(
+            gmem_protocol::SetMemoryAttributesArgs {
+                region: region.clone(),
+                offset,
+                size: PAGE,
+                private: true,
+                wait_ms,
+            },
+        ))
+    };
+    for wait_ms in [None, Some(200)] {
+        match convert(BUF, wait_ms) {
+            Err(gmem_protocol::ClientError::Command(error)) => {
+                assert_eq!(
+                    (error.class, error.error_offset),
+                    (gmem_protocol::ErrorClass::Again, Some(BUF)),
+                    "{error:?}"
+                )
+            }
+            other => panic!("a range a request holds went private (wait {wait_ms:?}): {other:?}"),
+        }
+    }
+    convert(OTHER, None).expect("a range nobody references converts");
+
+    mem.write(BUF, &vec![0x5a; 4096]);
+    service.wake(fault);
+    let (id, _) = ring.wait_used(&mem, &fe.call, TIMEOUT).expect("completed after the wake");
+    assert_eq!((id, mem.get::<u8>(STATUS)), (u32::from(head), S_OK));
+    convert(BUF, None).expect("the request is done: its range converts");
+}

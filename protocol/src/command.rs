@@ -27,11 +27,43 @@ pub enum Command {
     /// `--postcopy-orphan-timeout`): requests waiting on its missing pages
     /// fail instead of waiting.
     PostcopyAbort,
+    /// Make a range of a region private (the device may no longer touch it,
+    /// its content is discarded) or shared again, with the contract of the
+    /// kernel's KVM_SET_MEMORY_ATTRIBUTES2 (docs/pins-and-conversion.md).
+    SetMemoryAttributes(SetMemoryAttributesArgs),
+    /// A region's private/shared extents.
+    QueryMemoryAttributes(QueryMemoryAttributesArgs),
     /// Replace gmemd's program by exec, keeping the guest's RAM, the disk,
     /// both sockets and every frontend connection (docs/live-update.md).
     Upgrade(UpgradeArgs),
     /// Stop serving and exit; regions are unmapped and, unless file-backed, freed.
     Quit,
+}
+
+/// `set-memory-attributes`' arguments.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct SetMemoryAttributesArgs {
+    /// The region's id.
+    pub region: String,
+    /// Start in the region, bytes; a multiple of its page size.
+    pub offset: u64,
+    /// Length in bytes; a non-zero multiple of its page size.
+    pub size: u64,
+    /// Private (true) or shared (false).
+    pub private: bool,
+    /// Going private: instead of failing at once while requests use the
+    /// range, hold new ones off and wait up to this long for those in flight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_ms: Option<u64>,
+}
+
+/// `query-memory-attributes`' arguments.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueryMemoryAttributesArgs {
+    /// The region's id.
+    pub region: String,
 }
 
 /// `upgrade`'s arguments.
@@ -46,12 +78,20 @@ pub struct UpgradeArgs {
 
 impl Command {
     /// Every command, for help texts and for tests that want to cover them all.
-    pub const ALL: [Command; 7] = [
+    pub const ALL: [Command; 9] = [
         Command::QueryStatus,
         Command::QueryRegions,
         Command::QueryDevice,
         Command::QueryMigration,
         Command::PostcopyAbort,
+        Command::SetMemoryAttributes(SetMemoryAttributesArgs {
+            region: String::new(),
+            offset: 0,
+            size: 0,
+            private: false,
+            wait_ms: None,
+        }),
+        Command::QueryMemoryAttributes(QueryMemoryAttributesArgs { region: String::new() }),
         Command::Upgrade(UpgradeArgs { binary: None }),
         Command::Quit,
     ];
@@ -64,6 +104,8 @@ impl Command {
             Command::QueryDevice => "query-device",
             Command::QueryMigration => "query-migration",
             Command::PostcopyAbort => "postcopy-abort",
+            Command::SetMemoryAttributes(_) => "set-memory-attributes",
+            Command::QueryMemoryAttributes(_) => "query-memory-attributes",
             Command::Upgrade(_) => "upgrade",
             Command::Quit => "quit",
         }
@@ -77,6 +119,8 @@ impl Command {
         // silently ignored.
         Ok(match command {
             Command::Upgrade(_) => Command::Upgrade(parse_arguments(name, arguments)?),
+            Command::SetMemoryAttributes(_) => Command::SetMemoryAttributes(parse_arguments(name, arguments)?),
+            Command::QueryMemoryAttributes(_) => Command::QueryMemoryAttributes(parse_arguments(name, arguments)?),
             other => {
                 parse_arguments::<NoArguments>(name, arguments)?;
                 other
@@ -87,10 +131,14 @@ impl Command {
     /// Serialises the command as one request line (without the newline).
     pub fn to_line(&self) -> String {
         let mut line = serde_json::json!({ "execute": self.name() });
-        if let Command::Upgrade(args) = self {
-            if *args != UpgradeArgs::default() {
-                line["arguments"] = serde_json::to_value(args).unwrap_or_default();
-            }
+        let arguments = match self {
+            Command::Upgrade(args) if *args != UpgradeArgs::default() => serde_json::to_value(args).ok(),
+            Command::SetMemoryAttributes(args) => serde_json::to_value(args).ok(),
+            Command::QueryMemoryAttributes(args) => serde_json::to_value(args).ok(),
+            _ => None,
+        };
+        if let Some(arguments) = arguments {
+            line["arguments"] = arguments;
         }
         line.to_string()
     }
@@ -203,8 +251,9 @@ mod tests {
         for command in Command::ALL {
             let plain = Request::parse(&command.to_line()).expect("plain");
             assert_eq!(plain.command, command);
-            let line = format!(r#"{{"execute":"{}","arguments":{{}},"id":7}}"#, command.name());
-            let with_id = Request::parse(&line).expect("with id");
+            let mut line: Value = serde_json::from_str(&command.to_line()).expect("json");
+            line["id"] = 7.into();
+            let with_id = Request::parse(&line.to_string()).expect("with id");
             assert_eq!(with_id.command, command);
             assert_eq!(with_id.id, Some(RequestId::from(7)));
         }
@@ -223,6 +272,11 @@ mod tests {
             (r#"{"execute":"quit","arguments":{"now":true}}"#, ErrorClass::InvalidArguments),
             (r#"{"execute":"upgrade","arguments":{"binary":5}}"#, ErrorClass::InvalidArguments),
             (r#"{"execute":"upgrade","arguments":{"bianry":"/x"}}"#, ErrorClass::InvalidArguments),
+            (
+                r#"{"execute":"set-memory-attributes","arguments":{"region":"r","offset":0}}"#,
+                ErrorClass::InvalidArguments,
+            ),
+            (r#"{"execute":"query-memory-attributes"}"#, ErrorClass::InvalidArguments),
         ];
         for (line, class) in cases {
             let (error, _) = Request::parse(line).expect_err(line);

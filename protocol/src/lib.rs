@@ -22,10 +22,11 @@ mod size;
 mod strict;
 
 pub use client::{ClientError, ControlClient};
-pub use command::{Command, Request, RequestId, UpgradeArgs};
+pub use command::{Command, QueryMemoryAttributesArgs, Request, RequestId, SetMemoryAttributesArgs, UpgradeArgs};
 pub use reply::{
-    DeviceInfo, DeviceIoWindow, DirtyLogInfo, ErrorClass, ErrorReply, Event, EventKind, FrontendInfo, LatencySummary,
-    MigrationInfo, MigrationState, PostcopyInfo, QueueInfo, RegionInfo, Reply, StatusInfo, Timestamp, UpgradeInfo,
+    DeviceInfo, DeviceIoWindow, DirtyLogInfo, ErrorClass, ErrorReply, Event, EventKind, ExtentInfo, FrontendInfo,
+    LatencySummary, MemoryAttributesInfo, MigrationInfo, MigrationState, PostcopyInfo, QueueInfo, RegionInfo, Reply,
+    StatusInfo, Timestamp, UpgradeInfo,
 };
 pub use size::{parse_size, SizeError};
 

@@ -49,6 +49,12 @@ pub enum ErrorClass {
     CommandNotFound,
     /// The command exists but its arguments are wrong.
     InvalidArguments,
+    /// Not now: something in use blocks it (a conversion to private of a
+    /// range a request or a pin holds); the reply's `error_offset` says
+    /// where. The kernel's KVM_SET_MEMORY_ATTRIBUTES2 fails with EAGAIN in
+    /// the same case.
+    #[serde(rename = "EAGAIN")]
+    Again,
 }
 
 /// The body of an error reply.
@@ -59,12 +65,20 @@ pub struct ErrorReply {
     pub class: ErrorClass,
     /// Human-readable description.
     pub desc: String,
+    /// With [`ErrorClass::Again`]: the first offending byte offset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_offset: Option<u64>,
 }
 
 impl ErrorReply {
     /// An error of `class` saying `desc`.
     pub fn new(class: ErrorClass, desc: String) -> Self {
-        ErrorReply { class, desc }
+        ErrorReply { class, desc, error_offset: None }
+    }
+
+    /// An [`ErrorClass::Again`] error at `error_offset`.
+    pub fn again(desc: String, error_offset: u64) -> Self {
+        ErrorReply { class: ErrorClass::Again, desc, error_offset: Some(error_offset) }
     }
 }
 
@@ -95,6 +109,9 @@ pub enum EventKind {
     FrontendDisconnected,
     /// The daemon is exiting.
     Shutdown,
+    /// A range of a region turned private or shared; `data` is
+    /// `{"region", "offset", "size", "private"}`.
+    MemoryAttributesChanged,
 }
 
 /// An asynchronous event line.
@@ -122,6 +139,30 @@ pub struct StatusInfo {
     pub vhost_user_socket: String,
     /// vhost-user frontends connected now.
     pub frontends: Vec<FrontendInfo>,
+}
+
+/// `query-memory-attributes` result: one region's private/shared extents.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryAttributesInfo {
+    /// The region.
+    pub region: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// The granularity of conversions (4 KiB, or the huge page size).
+    pub page_size: u64,
+    /// Every extent, in order, covering the region.
+    pub extents: Vec<ExtentInfo>,
+}
+
+/// One extent of [`MemoryAttributesInfo`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExtentInfo {
+    /// Start in the region, bytes.
+    pub offset: u64,
+    /// Length in bytes.
+    pub size: u64,
+    /// Whether the device may not touch it.
+    pub private: bool,
 }
 
 /// `upgrade` result: the new program took over.

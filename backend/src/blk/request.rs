@@ -121,6 +121,7 @@ impl RequestError {
             RequestError::Unsupported(_) => 8,
             RequestError::UnsupportedFlags(_) => 9,
             RequestError::Access(AccessError::NotRam { .. }) => 10,
+            RequestError::Access(AccessError::Private { .. } | AccessError::Converting { .. }) => 14,
             RequestError::Access(_) | RequestError::Disk(_) | RequestError::Short { .. } => 11,
             RequestError::BrokenChain => 12,
             RequestError::Wraps => 13,

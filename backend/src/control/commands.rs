@@ -2,7 +2,11 @@
 
 use std::os::fd::RawFd;
 
-use gmem_protocol::{Command, DeviceInfo, ErrorClass, ErrorReply, QueueInfo, RegionInfo, RequestId, StatusInfo};
+use gmem_attributes::{Blocker, ConvertError};
+use gmem_protocol::{
+    Command, DeviceInfo, ErrorClass, ErrorReply, EventKind, ExtentInfo, MemoryAttributesInfo, QueueInfo, RegionInfo,
+    RequestId, SetMemoryAttributesArgs, StatusInfo,
+};
 use serde_json::Value;
 
 use crate::daemon::Daemon;
@@ -33,6 +37,22 @@ pub fn execute(daemon: &Daemon, upgrader: &Upgrader, command: &Command, sender: 
             let dropped = daemon.abort_postcopy("the postcopy-abort command");
             Ok(serde_json::json!({ "dropped": dropped }))
         }
+        Command::SetMemoryAttributes(args) => return set_memory_attributes(daemon, args),
+        Command::QueryMemoryAttributes(args) => {
+            let region = own_region(daemon, &args.region)?;
+            let attributes = region.attributes();
+            let extents = attributes
+                .extents()
+                .into_iter()
+                .map(|e| ExtentInfo { offset: e.offset, size: e.size, private: e.private })
+                .collect();
+            serde_json::to_value(MemoryAttributesInfo {
+                region: args.region.clone(),
+                size: attributes.size(),
+                page_size: attributes.page_size(),
+                extents,
+            })
+        }
         Command::Upgrade(args) => {
             // Returns only when the upgrade did not happen.
             let error = upgrader.upgrade(args, sender.socket, sender.id);
@@ -42,6 +62,61 @@ pub fn execute(daemon: &Daemon, upgrader: &Upgrader, command: &Command, sender: 
         Command::Quit => Ok(Value::Object(Default::default())),
     };
     value.map_err(|e| ErrorReply::new(ErrorClass::GenericError, format!("cannot encode the reply: {e}")))
+}
+
+/// Longest `wait-ms` honoured: the control client waits that long for its reply.
+const MAX_CONVERSION_WAIT_MS: u64 = 10_000;
+
+fn own_region<'d>(daemon: &'d Daemon, id: &str) -> Result<&'d crate::memory::GuestRegion, ErrorReply> {
+    daemon.regions.get(id).map(|r| &**r).ok_or_else(|| {
+        ErrorReply::new(ErrorClass::InvalidArguments, format!("no region {id:?} (query-regions lists them)"))
+    })
+}
+
+/// Converts a range (the contract of KVM_SET_MEMORY_ATTRIBUTES2 on a
+/// guest_memfd): to private only if no request or pin references it, else
+/// EAGAIN with the first offending offset; its content is discarded. To
+/// shared unconditionally.
+fn set_memory_attributes(daemon: &Daemon, args: &SetMemoryAttributesArgs) -> Result<Value, ErrorReply> {
+    let region = own_region(daemon, &args.region)?;
+    let attributes = region.attributes();
+    let result = if args.private {
+        let wait = args.wait_ms.map(|ms| std::time::Duration::from_millis(ms.min(MAX_CONVERSION_WAIT_MS)));
+        attributes.to_private(args.offset, args.size, wait)
+    } else {
+        attributes.to_shared(args.offset, args.size)
+    };
+    let range = format!("region {} [{:#x}, {:#x})", args.region, args.offset, args.offset.saturating_add(args.size));
+    match result {
+        Ok(()) => {}
+        Err(ConvertError::Busy { error_offset, blocker }) => {
+            let holder = match blocker {
+                Blocker::Reference => "a request in flight",
+                Blocker::Pin => "a pin",
+            };
+            return Err(ErrorReply::again(
+                format!("{range}: {holder} holds offset {error_offset:#x}; try again"),
+                error_offset,
+            ));
+        }
+        Err(error) => return Err(ErrorReply::new(ErrorClass::InvalidArguments, format!("{range}: {error}"))),
+    }
+    // Content does not cross a conversion, either way: memory that turns
+    // private loses what the host side had there, memory that turns shared
+    // reads as zeroes, not as what the guest kept private.
+    if let Err(error) = region.discard(args.offset, args.size) {
+        let state = if args.private { "private" } else { "shared" };
+        log::error!("{range} is {state}, but discarding its content failed: {error}");
+        return Err(ErrorReply::new(
+            ErrorClass::GenericError,
+            format!("{range} is {state}, but discarding its content failed: {error}"),
+        ));
+    }
+    daemon.events.emit(
+        EventKind::MemoryAttributesChanged,
+        serde_json::json!({ "region": args.region, "offset": args.offset, "size": args.size, "private": args.private }),
+    );
+    Ok(Value::Object(Default::default()))
 }
 
 fn status(daemon: &Daemon) -> StatusInfo {

@@ -13,8 +13,12 @@
 //! same `GuestRam`, whose views bound every access; the worker reports its
 //! used-ring writes through [`RamAccess::ring_written`].
 
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
+
+use gmem_attributes::{Denied, RangeRef, RefShard, RegionAttributes};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
@@ -68,6 +72,49 @@ pub enum AccessError {
     /// was moved.
     #[error("the queue was stopped while the request waited for a guest page")]
     Cancelled,
+    /// Part of the range is private guest memory: the device may not touch it.
+    #[error("guest range {addr:#x}+{len:#x} is private memory")]
+    Private { addr: u64, len: u64 },
+    /// Part of the range was still being converted to private after waiting.
+    #[error("guest range {addr:#x}+{len:#x} is being converted to private")]
+    Converting { addr: u64, len: u64 },
+    /// More references than the worker's shard holds: more buffers in
+    /// flight than the queue can have.
+    #[error("more than {0} guest buffers referenced at once")]
+    TooManyReferences(usize),
+}
+
+/// How long a request waits for a conversion of one of its buffers to end
+/// (a conversion with `wait-ms` holds new references off while it waits).
+const CONVERSION_WAIT: Duration = Duration::from_secs(1);
+
+/// One queue worker's references on guest RAM (see `gmem_attributes`): a
+/// shard per own region it touches, made when first needed. Taking a
+/// reference before touching a range, and checking the range is shared, is
+/// what keeps the device out of private memory.
+#[derive(Debug)]
+pub struct RangeRefs {
+    slots: usize,
+    shards: RefCell<Vec<RefShard>>,
+}
+
+impl RangeRefs {
+    /// References for a worker that has at most `slots` buffers in use at once.
+    pub fn new(slots: usize) -> Self {
+        RangeRefs { slots, shards: RefCell::default() }
+    }
+
+    fn acquire(&self, attributes: &RegionAttributes, offset: u64, len: u64) -> Result<RangeRef, Denied> {
+        let mut shards = self.shards.borrow_mut();
+        let index = match shards.iter().position(|s| s.region().is(attributes)) {
+            Some(index) => index,
+            None => {
+                shards.push(attributes.shard(self.slots));
+                shards.len() - 1
+            }
+        };
+        shards[index].acquire_wait(offset, len, CONVERSION_WAIT)
+    }
 }
 
 /// Linux's IOV_MAX: the most iovecs one readv/writev takes.
@@ -82,6 +129,8 @@ pub struct HeldBufs {
     iovecs: Vec<libc::iovec>,
     /// The first iovec not wholly moved yet.
     first: usize,
+    /// References on the ranges: none of them turns private meanwhile.
+    _refs: Vec<RangeRef>,
     _ram: Arc<GuestRam>,
 }
 
@@ -132,12 +181,52 @@ pub struct RamAccess<'a> {
     /// Set when the queue is stopped: a request that waited on a postcopy
     /// page moves no data once it wakes.
     stopped: Option<&'a AtomicBool>,
+    /// The worker's references; without them, private memory is not
+    /// checked for (tests of the access path alone).
+    refs: Option<&'a RangeRefs>,
 }
 
 impl<'a> RamAccess<'a> {
     /// Access to `ram`, counted in `counters`, with migration `tracking`.
     pub fn new(ram: &'a Arc<GuestRam>, counters: &'a AccessCounters, tracking: &'a Tracking) -> Self {
-        RamAccess { ram, counters, tracking, stopped: None }
+        RamAccess { ram, counters, tracking, stopped: None, refs: None }
+    }
+
+    /// The same access, taking a reference on every own-region range before
+    /// touching it and refusing private ones.
+    pub fn referenced_by(self, refs: &'a RangeRefs) -> Self {
+        RamAccess { refs: Some(refs), ..self }
+    }
+
+    /// References the own-region ranges of `bufs`, each checked to be
+    /// shared; foreign memory has no attributes.
+    pub fn reference(&self, bufs: &[GuestBuf]) -> Result<Vec<RangeRef>, AccessError> {
+        let Some(refs) = self.refs else { return Ok(Vec::new()) };
+        let mut taken = Vec::with_capacity(bufs.len());
+        for buf in bufs {
+            let not_ram = || AccessError::NotRam { addr: buf.addr.0, len: u64::from(buf.len) };
+            let end = buf.addr.0.checked_add(u64::from(buf.len)).ok_or_else(not_ram)?;
+            let mut addr = buf.addr.0;
+            while addr < end {
+                let view = self.ram.find_region(GuestAddress(addr)).ok_or_else(not_ram)?;
+                let view_end = view.desc().gpa + vm_memory::GuestMemoryRegion::len(view);
+                let part = end.min(view_end) - addr;
+                if let Some((attributes, start)) = view.attributes() {
+                    let offset = start + (addr - view.desc().gpa);
+                    let reference = refs.acquire(attributes, offset, part).map_err(|denied| match denied {
+                        Denied::Private { offset: at } => {
+                            AccessError::Private { addr: addr + (at - offset), len: end - addr - (at - offset) }
+                        }
+                        Denied::Converting => AccessError::Converting { addr, len: part },
+                        Denied::Full(slots) => AccessError::TooManyReferences(slots),
+                        Denied::OutOfRange { .. } => not_ram(),
+                    })?;
+                    taken.push(reference);
+                }
+                addr += part;
+            }
+        }
+        Ok(taken)
     }
 
     /// The same access, for a queue whose stop flag is `stopped`.
@@ -189,6 +278,7 @@ impl<'a> RamAccess<'a> {
     /// Copies guest bytes from `bufs`, in order, into `out` (a request
     /// header, discard segments). `bufs` must hold exactly `out.len()` bytes.
     pub fn read_into(&self, bufs: &[GuestBuf], out: &mut [u8]) -> Result<(), AccessError> {
+        let _refs = self.reference(bufs)?;
         self.fault_in(bufs)?;
         let mut done = 0usize;
         for buf in bufs {
@@ -207,6 +297,7 @@ impl<'a> RamAccess<'a> {
     /// Copies `bytes` into the guest buffers, in order, up to the shorter of
     /// the two (a status byte, a device id). Returns the bytes written.
     pub fn write_into(&self, bufs: &[GuestBuf], bytes: &[u8]) -> Result<u64, AccessError> {
+        let _refs = self.reference(bufs)?;
         self.fault_in(bufs)?;
         let mut done = 0usize;
         let mut result = Ok(());
@@ -232,12 +323,13 @@ impl<'a> RamAccess<'a> {
     /// pages that have not arrived; the guard keeps them mapped until the
     /// transfer is over.
     pub fn hold(&self, bufs: &[GuestBuf]) -> Result<HeldBufs, AccessError> {
+        let refs = self.reference(bufs)?;
         let iovecs = self.iovecs(bufs)?;
         if self.tracking.stats.faults_possible() {
             self.await_pages(&iovecs)?;
         }
         let first = iovecs.iter().position(|iov| iov.iov_len > 0).unwrap_or(iovecs.len());
-        Ok(HeldBufs { iovecs, first, _ram: Arc::clone(self.ram) })
+        Ok(HeldBufs { iovecs, first, _refs: refs, _ram: Arc::clone(self.ram) })
     }
 
     /// The disk wrote `bytes` into `bufs` (a read request): counted, and

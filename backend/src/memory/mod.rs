@@ -9,7 +9,7 @@ pub mod truncation;
 use std::fs::File;
 use std::sync::{Arc, OnceLock};
 
-pub use access::{AccessCounters, AccessError, GuestBuf, HeldBufs, RamAccess, IOV_MAX};
+pub use access::{AccessCounters, AccessError, GuestBuf, HeldBufs, RamAccess, RangeRefs, IOV_MAX};
 pub use region::{Backing, FileIdentity, GuestRegion, RegionError, RegionRecord, RegionSpec};
 pub use table::{GuestRam, MemRegionDesc, MemoryTable, RamView, TableError, MAX_MEM_SLOTS};
 

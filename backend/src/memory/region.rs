@@ -20,6 +20,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use gmem_attributes::RegionAttributes;
 use serde::{Deserialize, Serialize};
 use vm_memory::mmap::MmapRegion;
 use vm_memory::FileOffset;
@@ -80,6 +81,8 @@ pub enum RegionError {
     #[error("region {id}: mmap of {size} bytes: {source}")]
     Map { id: String, size: u64, source: vm_memory::mmap::MmapRegionError },
     /// The file's identity could not be read.
+    #[error("region {id}: its attribute map: {why}")]
+    Attributes { id: String, why: String },
     #[error("region {id}: fstat: {source}")]
     Stat { id: String, source: io::Error },
     /// A size that cannot be mapped.
@@ -134,6 +137,9 @@ pub struct GuestRegion {
     /// A `path=` file can be truncated by whoever may write it; its mapping
     /// is then kept usable (see `truncation`).
     _truncation: Option<super::truncation::TruncationGuard>,
+    /// Which pages are private (the device may not touch them), and the
+    /// references that keep a range from becoming private.
+    attributes: RegionAttributes,
 }
 
 const PAGE_SIZE: u64 = 4096;
@@ -222,10 +228,12 @@ impl GuestRegion {
             source,
         })?;
         let hugepage_advised = !matches!(spec.backing, Backing::MemfdHugetlb) && advise_hugepages(&mapping);
+        let page = mapping.file_offset().map_or(PAGE_SIZE, |f| file_page_size(f.file()));
+        let attributes = RegionAttributes::new(spec.size, page)
+            .map_err(|e| RegionError::Attributes { id: spec.id.clone(), why: e.to_string() })?;
         let truncation = match &spec.backing {
             Backing::File(_) => {
-                let page = mapping.file_offset().map_or(PAGE_SIZE, |f| file_page_size(f.file())) as usize;
-                let guard = super::truncation::protect(mapping.as_ptr() as usize, mapping.size(), page);
+                let guard = super::truncation::protect(mapping.as_ptr() as usize, mapping.size(), page as usize);
                 if guard.is_none() {
                     log::warn!("region {}: too many path= regions to guard against truncation", spec.id);
                 }
@@ -241,7 +249,20 @@ impl GuestRegion {
             mapping: Arc::new(mapping),
             hugepage_advised,
             _truncation: truncation,
+            attributes,
         })
+    }
+
+    /// The region's private/shared map and its references.
+    pub fn attributes(&self) -> &RegionAttributes {
+        &self.attributes
+    }
+
+    /// Discards `[offset, offset + len)`: it reads as zeroes afterwards
+    /// (a range that turned private loses its content).
+    pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        let file = self.mapping.file_offset().map(|f| f.file()).ok_or_else(|| io::Error::other("no file"))?;
+        gmem_attributes::punch_hole(file, offset, len)
     }
 
     /// What identifies the region, to adopt it again later.

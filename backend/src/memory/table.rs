@@ -84,6 +84,8 @@ pub struct RamView {
     len: usize,
     desc: MemRegionDesc,
     owner: Option<String>,
+    /// The own region's private/shared map (`None` for foreign memory).
+    attributes: Option<gmem_attributes::RegionAttributes>,
     hugepage_advised: bool,
     /// Foreign memory that could be truncated is guarded while mapped;
     /// declared after `mapping`, so the guard goes after the mapping.
@@ -99,6 +101,12 @@ impl RamView {
     /// The id of the daemon region behind the view, or `None` for foreign memory.
     pub fn owner(&self) -> Option<&str> {
         self.owner.as_deref()
+    }
+
+    /// The own region's private/shared map, and where the view starts in
+    /// that region; `None` for foreign memory.
+    pub fn attributes(&self) -> Option<(&gmem_attributes::RegionAttributes, u64)> {
+        self.attributes.as_ref().map(|a| (a, self.offset as u64))
     }
 
     /// Whether gmemd asked for transparent huge pages on the mapping.
@@ -169,6 +177,7 @@ fn own_view(region: &GuestRegion, desc: MemRegionDesc) -> Result<RamView, TableE
         len: usize::try_from(size).map_err(|_| TableError::InvalidRange { gpa, size })?,
         desc,
         owner: Some(region.id().to_string()),
+        attributes: Some(region.attributes().clone()),
         hugepage_advised: region.hugepage_advised(),
         _truncation: None,
     })
@@ -244,6 +253,7 @@ impl MemoryTable {
                     len,
                     desc,
                     owner: None,
+                    attributes: None,
                     hugepage_advised: false,
                     _truncation: truncation,
                 }

@@ -245,6 +245,9 @@ impl Vring {
                     disk,
                     in_flight: Default::default(),
                     completions: Vec::new(),
+                    // Each request in flight holds a reference per data
+                    // buffer; a ring's descriptors bound how many.
+                    refs: std::rc::Rc::new(crate::memory::RangeRefs::new(usize::from(size).max(256) * 4)),
                 };
                 Ok(run.run())
             };

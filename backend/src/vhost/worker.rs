@@ -11,6 +11,7 @@
 //! Stopping the worker (GET_VRING_BASE, a pause, a disconnect) lets every
 //! request in flight complete first, so a stopped ring has none.
 
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -23,7 +24,7 @@ use super::inflight::InflightQueue;
 use super::vring::WorkerContext;
 use crate::blk::aio::{AsyncDisk, Completion};
 use crate::blk::{Outcome, RequestError, Started, Transfer};
-use crate::memory::{GuestRam, RamAccess};
+use crate::memory::{AccessError, GuestBuf, GuestRam, RamAccess, RangeRefs};
 
 /// Where a stopped worker left its ring.
 #[derive(Debug, Clone, Copy)]
@@ -99,6 +100,8 @@ pub(super) struct QueueRun {
     pub in_flight: InFlightTable,
     /// Completions taken from the engine, reused between batches.
     pub completions: Vec<Completion>,
+    /// References on guest RAM that keep what the worker touches shared.
+    pub refs: Rc<RangeRefs>,
 }
 
 /// What became of a request the worker took.
@@ -121,6 +124,8 @@ enum RingFault {
     Queue(#[from] virtio_queue::Error),
     #[error("the available ring's entries are not in guest RAM")]
     AvailUnreadable,
+    #[error("the ring is in memory the device may not touch: {0}")]
+    Unreachable(AccessError),
 }
 
 impl QueueRun {
@@ -152,13 +157,28 @@ impl QueueRun {
         QueueEnd { next_avail: self.queue.next_avail(), next_used: self.queue.next_used() }
     }
 
+    /// The ring's three parts, as guest buffers.
+    fn ring_bufs(&self) -> [GuestBuf; 3] {
+        let size = u32::from(self.queue.size());
+        [
+            GuestBuf { addr: GuestAddress(self.queue.desc_table()), len: 16 * size },
+            GuestBuf { addr: GuestAddress(self.queue.avail_ring()), len: 6 + 2 * size },
+            GuestBuf { addr: GuestAddress(self.queue.used_ring()), len: 6 + 8 * size },
+        ]
+    }
+
     /// Polls for up to `--poll-us` for the driver to add a request or the
     /// engine to complete one; true when it did.
     fn poll(&mut self) -> bool {
         if self.ctx.poll.is_zero() || !self.running() || self.broken {
             return false;
         }
-        let ram = self.ctx.ram.memory();
+        let ram = self.ctx.ram.memory().into_inner();
+        let tracking = self.ctx.tracking.clone();
+        let counters = &self.ctx.device.queues()[usize::from(self.index)].access;
+        let access = RamAccess::new(&ram, counters, &tracking).referenced_by(&self.refs);
+        // Polling reads the available ring: it must stay shared meanwhile.
+        let Ok(_ring) = access.reference(&self.ring_bufs()) else { return false };
         let deadline = std::time::Instant::now() + self.ctx.poll;
         while std::time::Instant::now() < deadline && self.running() {
             let added = self
@@ -213,10 +233,16 @@ impl QueueRun {
     /// has room for, then signals the driver if it asked.
     fn process(&mut self) {
         let ram = self.ctx.ram.memory().into_inner();
-        let (device, tracking, stop) =
-            (Arc::clone(&self.ctx.device), self.ctx.tracking.clone(), Arc::clone(&self.stop));
-        let access =
-            RamAccess::new(&ram, &device.queues()[usize::from(self.index)].access, &tracking).stopped_by(&stop);
+        let (device, tracking, stop, refs) =
+            (Arc::clone(&self.ctx.device), self.ctx.tracking.clone(), Arc::clone(&self.stop), Rc::clone(&self.refs));
+        let access = RamAccess::new(&ram, &device.queues()[usize::from(self.index)].access, &tracking)
+            .stopped_by(&stop)
+            .referenced_by(&refs);
+        // The ring stays shared while this batch uses it.
+        let _ring = match access.reference(&self.ring_bufs()) {
+            Ok(references) => references,
+            Err(error) => return self.fail(RingFault::Unreachable(error)),
+        };
         let mut used_any = self.reap_ready(&access, &ram);
         // Requests found in flight at start, in the order they were taken.
         // One that does not start stays in flight in the region.
@@ -275,8 +301,18 @@ impl QueueRun {
             return;
         }
         let ram = self.ctx.ram.memory().into_inner();
-        let (device, tracking) = (Arc::clone(&self.ctx.device), self.ctx.tracking.clone());
-        let access = RamAccess::new(&ram, &device.queues()[usize::from(self.index)].access, &tracking);
+        let (device, tracking, refs) = (Arc::clone(&self.ctx.device), self.ctx.tracking.clone(), Rc::clone(&self.refs));
+        let access =
+            RamAccess::new(&ram, &device.queues()[usize::from(self.index)].access, &tracking).referenced_by(&refs);
+        // A ring gone private takes no more used entries; the requests still
+        // complete (their buffers are held), unpublished.
+        let _ring = match access.reference(&self.ring_bufs()) {
+            Ok(references) => Some(references),
+            Err(error) => {
+                self.fail(RingFault::Unreachable(error));
+                None
+            }
+        };
         let mut used_any = false;
         while self.in_flight.count > 0 {
             self.submit();
