@@ -45,11 +45,31 @@ pub struct Args {
     #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
     pub memory: u64,
 
-    /// A guest RAM region: id=NAME,size=SIZE[,hugetlb][,path=FILE]. Repeat
-    /// for several; the first is the machine's main RAM, the others become
-    /// DIMMs. path= keeps the RAM in a tmpfs/hugetlbfs file that outlives gmemd.
+    /// A guest RAM region: id=NAME,size=SIZE[,hugetlb][,path=FILE][,lock][,owner=VM].
+    /// Repeat for several; the first is the machine's main RAM, the others
+    /// become DIMMs. path= keeps the RAM in a tmpfs/hugetlbfs file that
+    /// outlives gmemd. lock keeps it in RAM (mlock), charged to owner= (by
+    /// default --vm-id) in the pin ledger.
     #[arg(long, value_name = "SPEC", value_parser = parse_region)]
     pub region: Vec<RegionSpec>,
+
+    /// Lock every region in RAM (mlock), as each region's `lock` does.
+    #[arg(long)]
+    pub mlock: bool,
+
+    /// The VM this gmemd's regions belong to, unless a region names its
+    /// own owner=: the account their pins are charged to.
+    #[arg(long, value_name = "ID", default_value = "vm0")]
+    pub vm_id: String,
+
+    /// How much each owner may pin (locked regions): bytes with K/M/G/T, or
+    /// `unlimited`. Default: RLIMIT_MEMLOCK, or unlimited with CAP_IPC_LOCK,
+    /// as the kernel would allow. The owners' pins also count against one
+    /// budget per user, the same limit: a second frontend of the same VM,
+    /// a helper, or gmemd after an upgrade or a restart does not get a
+    /// second budget.
+    #[arg(long, value_name = "SIZE", value_parser = parse_limit)]
+    pub memlock_limit: Option<gmem_pins::Limit>,
 
     /// Number of virtio-blk request queues (one worker thread each).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -155,14 +175,15 @@ impl Args {
     /// The regions to create: the --region list, or one `ram0` of --memory.
     pub fn region_specs(&self) -> Result<Vec<RegionSpec>, CliError> {
         if self.region.is_empty() {
-            return Ok(vec![RegionSpec { id: "ram0".into(), size: self.memory, backing: Backing::Memfd }]);
+            let (lock, owner) = (self.mlock, None);
+            return Ok(vec![RegionSpec { id: "ram0".into(), size: self.memory, backing: Backing::Memfd, lock, owner }]);
         }
         let mut ids: Vec<&str> = self.region.iter().map(|s| s.id.as_str()).collect();
         ids.sort_unstable();
         if let Some(pair) = ids.windows(2).find(|w| w[0] == w[1]) {
             return Err(CliError::DuplicateRegion(pair[0].to_string()));
         }
-        Ok(self.region.clone())
+        Ok(self.region.iter().map(|spec| RegionSpec { lock: spec.lock || self.mlock, ..spec.clone() }).collect())
     }
 }
 
@@ -170,7 +191,7 @@ impl Args {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CliError {
     /// A malformed --region.
-    #[error("--region '{spec}': {why}; expected id=NAME,size=SIZE[,hugetlb][,path=FILE]")]
+    #[error("--region '{spec}': {why}; expected id=NAME,size=SIZE[,hugetlb][,path=FILE][,lock][,owner=VM]")]
     Region { spec: String, why: String },
     /// Two --region with one id.
     #[error("--region id '{0}' is given twice; ids must be unique")]
@@ -182,6 +203,14 @@ pub enum CliError {
 
 pub use gmem_protocol::parse_size;
 
+/// Parses `--memlock-limit`: a size, or `unlimited`.
+pub fn parse_limit(text: &str) -> Result<gmem_pins::Limit, String> {
+    match text {
+        "unlimited" | "infinity" => Ok(gmem_pins::Limit::Unlimited),
+        _ => parse_size(text).map(gmem_pins::Limit::Bytes).map_err(|e| format!("{e}, or `unlimited`")),
+    }
+}
+
 /// Parses `--socket-mode`: octal permission bits.
 pub fn parse_mode(text: &str) -> Result<u32, CliError> {
     u32::from_str_radix(text.trim_start_matches("0o"), 8)
@@ -190,10 +219,11 @@ pub fn parse_mode(text: &str) -> Result<u32, CliError> {
         .ok_or_else(|| CliError::Mode(text.to_string()))
 }
 
-/// Parses one `--region id=NAME,size=SIZE[,hugetlb][,path=FILE]`.
+/// Parses one `--region id=NAME,size=SIZE[,hugetlb][,path=FILE][,lock][,owner=VM]`.
 pub fn parse_region(spec: &str) -> Result<RegionSpec, CliError> {
     let fail = |why: &str| CliError::Region { spec: spec.to_string(), why: why.to_string() };
     let (mut id, mut size, mut hugetlb, mut path) = (None, None, false, None);
+    let (mut lock, mut owner) = (false, None);
     for part in spec.split(',') {
         match part.split_once('=') {
             // The id becomes QEMU's object id, which must start with a letter.
@@ -210,7 +240,9 @@ pub fn parse_region(spec: &str) -> Result<RegionSpec, CliError> {
             }
             Some(("size", v)) => size = Some(parse_size(v).map_err(|e| fail(&e.to_string()))?),
             Some(("path", v)) if !v.is_empty() => path = Some(PathBuf::from(v)),
+            Some(("owner", v)) if !v.is_empty() => owner = Some(v.to_string()),
             None if part == "hugetlb" => hugetlb = true,
+            None if part == "lock" => lock = true,
             _ => return Err(fail(&format!("unknown option '{part}'"))),
         }
     }
@@ -224,6 +256,8 @@ pub fn parse_region(spec: &str) -> Result<RegionSpec, CliError> {
         id: id.ok_or_else(|| fail("missing id="))?,
         size: size.ok_or_else(|| fail("missing size="))?,
         backing,
+        lock,
+        owner,
     })
 }
 

@@ -21,6 +21,7 @@ use crate::events::EventBus;
 use crate::memory::RegionSet;
 use crate::migration::{MigrationStats, PostcopySession, Userfault};
 use crate::peers::PeerPolicy;
+use crate::pins::{Pins, PinsError};
 use crate::record::ConnectionRecord;
 use crate::state_file::StateFile;
 
@@ -289,17 +290,21 @@ pub struct Daemon {
     quit_event: EventFd,
     /// Serialises writes of the state file.
     state_file: Mutex<Option<StateFile>>,
+    /// Locked regions and the pin ledger.
+    pub pins: Pins,
 }
 
 impl Daemon {
     /// Shared state over already-created regions and device.
     /// `state_file` is where it records its regions and frontends for a
-    /// restart after a crash, if anywhere.
+    /// restart after a crash, if anywhere; `pins` the ledger its locked
+    /// regions are charged in.
     pub fn new(
         regions: RegionSet,
         device: BlkDevice,
         options: DaemonOptions,
         state_file: Option<StateFile>,
+        pins: Pins,
     ) -> std::io::Result<Self> {
         let postcopy_unavailable = Self::probe_postcopy(&regions);
         Ok(Daemon {
@@ -319,6 +324,7 @@ impl Daemon {
             quitting: AtomicBool::new(false),
             quit_event: crate::sys::eventfd()?,
             state_file: Mutex::new(state_file),
+            pins,
         })
     }
 
@@ -326,10 +332,24 @@ impl Daemon {
     pub fn record_state(&self) {
         let mut state = self.state_file.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(state) = state.as_mut() {
-            if let Err(error) = state.write(self.regions.records(), &self.frontend_pids()) {
+            if let Err(error) = state.write(self.regions.records(), &self.frontend_pids(), self.pins.snapshot()) {
                 log::warn!("{error}; a gmemd restarted after a crash could not take this RAM back");
             }
         }
+    }
+
+    /// Locks the regions that ask for it and are not locked yet (at start,
+    /// and when a region came back with a frontend's memory table), and
+    /// records the ledger for a restart.
+    pub fn establish_pins(&self) -> Result<(), PinsError> {
+        let established = self.pins.establish(&self.regions);
+        if self.regions.slots().all(|(_, live)| live.is_some()) {
+            // Every region is back: a pin of the previous image that none
+            // took back is for a region that no longer asks for it.
+            self.pins.abandon_pending();
+        }
+        self.record_state();
+        established
     }
 
     /// Why postcopy cannot be served, if it cannot: then PAGEFAULT is not

@@ -9,6 +9,7 @@
 //! (regions, tables, the checked data path); `blk` (the device); `record`
 //! (serialisable connection state); `events` and `daemon` (what every
 //! thread shares); `listener`, `vhost` and `control` (the two sockets);
+//! `pins` (locked regions in the pin ledger) sits beside `daemon`;
 //! `handover` (exec upgrade, above them all).
 
 pub mod blk;
@@ -22,6 +23,7 @@ pub mod logging;
 pub mod memory;
 pub mod migration;
 pub mod peers;
+pub mod pins;
 pub mod record;
 pub mod state_file;
 pub mod sys;

@@ -9,12 +9,14 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 
+use gmem_pins::{Limit, Restart};
 use gmemd::blk::{BlkDevice, DeviceOptions};
 use gmemd::cli::Args;
 use gmemd::daemon::{Daemon, DaemonOptions};
 use gmemd::handover::{RunningImage, Takeover, TakeoverError, Upgrader};
 use gmemd::memory::RegionSet;
 use gmemd::peers::PeerPolicy;
+use gmemd::pins::Pins;
 use gmemd::state_file::{PreviousLife, StateFile};
 use gmemd::sys::SocketAccess;
 use gmemd::vhost::ConnectionThreads;
@@ -136,6 +138,14 @@ fn serve(args: Args, takeover: Option<Takeover>) -> Result<()> {
     Ok(())
 }
 
+/// `--memlock-limit`, or what the kernel would allow gmemd.
+fn memlock_limit(args: &Args) -> Result<Limit> {
+    match args.memlock_limit {
+        Some(limit) => Ok(limit),
+        None => Limit::probe_default().context("reading RLIMIT_MEMLOCK and the capabilities for --memlock-limit"),
+    }
+}
+
 /// A new daemon: regions made (or left waiting for the frontend of a
 /// previous, crashed gmemd to bring them back), disk opened, sockets bound.
 fn start_fresh(args: &Args, device_options: &DeviceOptions, options: DaemonOptions) -> Result<Started> {
@@ -162,9 +172,19 @@ fn start_fresh(args: &Args, device_options: &DeviceOptions, options: DaemonOptio
         }
     }
     let device = BlkDevice::new(device_options).context("opening the disk")?;
+    let limit = memlock_limit(args)?;
+    let pins = match previous.and_then(|p| p.pins) {
+        // A crash: the pins its locked regions had stay charged until they
+        // are locked again.
+        Some(snapshot) => Pins::restore(&args.vm_id, limit, snapshot, &Restart::Crash)
+            .context("taking back the pin ledger of the gmemd before the crash")?,
+        None => Pins::new(&args.vm_id, limit),
+    };
     let daemon = Arc::new(
-        Daemon::new(regions, device, options, Some(state)).context("creating the quit event and the event thread")?,
+        Daemon::new(regions, device, options, Some(state), pins)
+            .context("creating the quit event and the event thread")?,
     );
+    daemon.establish_pins().context("locking guest RAM")?;
     let vhost_access = SocketAccess { mode: args.socket_mode, group: args.socket_group };
     let vhost = SocketFile::bind(&args.socket, vhost_access)?;
     let control = args.control.as_ref().map(|path| SocketFile::bind(path, SocketAccess::default())).transpose()?;
@@ -188,7 +208,10 @@ fn take_over(
     if let Ok(Some(previous)) = state.load() {
         state.carry_over(&previous);
     }
-    let daemon = Arc::new(Daemon::new(regions, device, options, Some(state)).map_err(TakeoverError::Daemon)?);
+    let limit = memlock_limit(args).map_err(|e| TakeoverError::Daemon(std::io::Error::other(format!("{e:#}"))))?;
+    let pins = takeover.pins(&args.vm_id, limit)?;
+    let daemon = Arc::new(Daemon::new(regions, device, options, Some(state), pins).map_err(TakeoverError::Daemon)?);
+    daemon.establish_pins().map_err(TakeoverError::Pins)?;
     let (vhost, control) = takeover.listeners()?;
     let carried = takeover.connections(&daemon)?;
     let started = Started {

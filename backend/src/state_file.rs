@@ -69,6 +69,10 @@ pub struct PreviousLife {
     pub regions: Vec<RegionRecord>,
     /// The frontends connected when it last wrote.
     pub frontends: Vec<Process>,
+    /// Its pin ledger: the budget its locked regions used, which a
+    /// restarted gmemd takes back rather than charging again.
+    #[serde(default)]
+    pub pins: Option<gmem_pins::LedgerSnapshot>,
 }
 
 impl PreviousLife {
@@ -132,7 +136,12 @@ impl StateFile {
     /// Records this gmemd's regions and the frontends that hold them: those
     /// connected now (by pid) and earlier ones still running. Replaces the
     /// file whole.
-    pub fn write(&mut self, regions: Vec<RegionRecord>, connected_pids: &[i32]) -> Result<(), StateError> {
+    pub fn write(
+        &mut self,
+        regions: Vec<RegionRecord>,
+        connected_pids: &[i32],
+        pins: gmem_pins::LedgerSnapshot,
+    ) -> Result<(), StateError> {
         let io = |source| StateError::Io { path: self.path.clone(), source };
         let daemon =
             Process::of(std::process::id() as i32).ok_or_else(|| io(std::io::Error::other("no /proc/self/stat")))?;
@@ -142,7 +151,8 @@ impl StateFile {
             }
         }
         self.holders.retain(Process::alive);
-        let life = PreviousLife { version: VERSION, daemon, regions, frontends: self.holders.clone() };
+        let life =
+            PreviousLife { version: VERSION, daemon, regions, frontends: self.holders.clone(), pins: Some(pins) };
         let text = serde_json::to_string(&life).map_err(|e| io(std::io::Error::other(e)))?;
         let mut name = self.path.file_name().unwrap_or_default().to_os_string();
         name.push(".new");
@@ -165,10 +175,16 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let mut state = StateFile::new(dir.path().join("s.state"));
         assert!(state.load().expect("no file").is_none());
-        let regions = RegionSet::create(vec![RegionSpec { id: "ram0".into(), size: 1 << 20, backing: Backing::Memfd }])
-            .expect("ram");
+        let regions = RegionSet::create(vec![RegionSpec {
+            id: "ram0".into(),
+            size: 1 << 20,
+            backing: Backing::Memfd,
+            lock: false,
+            owner: None,
+        }])
+        .expect("ram");
         let me = std::process::id() as i32;
-        state.write(regions.records(), &[me]).expect("write");
+        state.write(regions.records(), &[me], gmem_pins::PinLedger::new().snapshot()).expect("write");
         let life = state.load().expect("load").expect("a life");
         assert_eq!(life.regions, regions.records());
         assert_eq!(life.daemon.pid, me);

@@ -38,8 +38,14 @@ struct World {
 fn world() -> &'static World {
     static WORLD: OnceLock<World> = OnceLock::new();
     WORLD.get_or_init(|| {
-        let regions =
-            RegionSet::create(vec![RegionSpec { id: "ram0".into(), size: RAM, backing: Backing::Memfd }]).expect("ram");
+        let regions = RegionSet::create(vec![RegionSpec {
+            id: "ram0".into(),
+            size: RAM,
+            backing: Backing::Memfd,
+            lock: false,
+            owner: None,
+        }])
+        .expect("ram");
         let region = regions.iter().next().expect("region");
         let fd = std::fs::OpenOptions::new().read(true).write(true).open(region.fd_path()).expect("open");
         let mut table = MemoryTable::default();

@@ -22,6 +22,7 @@ use gmemd::blk::{BlkDevice, CacheMode, DeviceOptions};
 use gmemd::daemon::{Daemon, DaemonOptions, FrontendStatus};
 use gmemd::memory::{Backing, RegionSet, RegionSpec};
 use gmemd::peers::PeerPolicy;
+use gmemd::pins::Pins;
 use gmemd::vhost::{serve_connection, FrontendConnection};
 use libfuzzer_sys::fuzz_target;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK, EFD_SEMAPHORE};
@@ -50,9 +51,14 @@ fn memfd(size: u64, flags: libc::c_uint, seals: libc::c_int) -> OwnedFd {
 fn world() -> &'static World {
     static WORLD: OnceLock<World> = OnceLock::new();
     WORLD.get_or_init(|| {
-        let regions =
-            RegionSet::create(vec![RegionSpec { id: "ram0".into(), size: 16 << 20, backing: Backing::Memfd }])
-                .expect("ram");
+        let regions = RegionSet::create(vec![RegionSpec {
+            id: "ram0".into(),
+            size: 16 << 20,
+            backing: Backing::Memfd,
+            lock: false,
+            owner: None,
+        }])
+        .expect("ram");
         let own = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -79,7 +85,10 @@ fn world() -> &'static World {
             ring_poll: Duration::ZERO,
             skip_dirty_log_marks: false,
         };
-        let daemon = Arc::new(Daemon::new(regions, device, options, None).expect("daemon"));
+        let daemon = Arc::new(
+            Daemon::new(regions, device, options, None, Pins::new("fuzz", gmem_pins::Limit::Unlimited))
+                .expect("daemon"),
+        );
         let mut palette = vec![OwnedFd::from(own)];
         for size in [0, 4096, 1 << 20, 16 << 20] {
             palette.push(memfd(size, libc::MFD_ALLOW_SEALING, 0));

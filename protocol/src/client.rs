@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
-use crate::reply::{DeviceInfo, ErrorReply, Event, MigrationInfo, RegionInfo, Reply, StatusInfo, UpgradeInfo};
+use crate::reply::{
+    DeviceInfo, ErrorReply, Event, MigrationInfo, PinsInfo, RegionInfo, Reply, StatusInfo, UpgradeInfo,
+};
 use crate::{Command, UpgradeArgs};
 
 /// Why a control request failed.
@@ -86,6 +88,11 @@ impl ControlClient {
     /// `query-migration`.
     pub fn query_migration(&mut self) -> Result<MigrationInfo, ClientError> {
         self.execute(&Command::QueryMigration)
+    }
+
+    /// `query-pins`.
+    pub fn query_pins(&mut self) -> Result<PinsInfo, ClientError> {
+        self.execute(&Command::QueryPins)
     }
 
     /// `upgrade`: gmemd execs `binary` (by default the program it was

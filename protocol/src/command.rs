@@ -33,6 +33,9 @@ pub enum Command {
     SetMemoryAttributes(SetMemoryAttributesArgs),
     /// A region's private/shared extents.
     QueryMemoryAttributes(QueryMemoryAttributesArgs),
+    /// The pin ledger: locked guest RAM per owner and user, budgets, and
+    /// the kernel's own figures next to it.
+    QueryPins,
     /// Replace gmemd's program by exec, keeping the guest's RAM, the disk,
     /// both sockets and every frontend connection (docs/live-update.md).
     Upgrade(UpgradeArgs),
@@ -78,7 +81,7 @@ pub struct UpgradeArgs {
 
 impl Command {
     /// Every command, for help texts and for tests that want to cover them all.
-    pub const ALL: [Command; 9] = [
+    pub const ALL: [Command; 10] = [
         Command::QueryStatus,
         Command::QueryRegions,
         Command::QueryDevice,
@@ -92,6 +95,7 @@ impl Command {
             wait_ms: None,
         }),
         Command::QueryMemoryAttributes(QueryMemoryAttributesArgs { region: String::new() }),
+        Command::QueryPins,
         Command::Upgrade(UpgradeArgs { binary: None }),
         Command::Quit,
     ];
@@ -106,6 +110,7 @@ impl Command {
             Command::PostcopyAbort => "postcopy-abort",
             Command::SetMemoryAttributes(_) => "set-memory-attributes",
             Command::QueryMemoryAttributes(_) => "query-memory-attributes",
+            Command::QueryPins => "query-pins",
             Command::Upgrade(_) => "upgrade",
             Command::Quit => "quit",
         }

@@ -25,8 +25,8 @@ pub use client::{ClientError, ControlClient};
 pub use command::{Command, QueryMemoryAttributesArgs, Request, RequestId, SetMemoryAttributesArgs, UpgradeArgs};
 pub use reply::{
     DeviceInfo, DeviceIoWindow, DirtyLogInfo, ErrorClass, ErrorReply, Event, EventKind, ExtentInfo, FrontendInfo,
-    LatencySummary, MemoryAttributesInfo, MigrationInfo, MigrationState, PostcopyInfo, QueueInfo, RegionInfo, Reply,
-    StatusInfo, Timestamp, UpgradeInfo,
+    LatencySummary, MemoryAttributesInfo, MigrationInfo, MigrationState, PinsInfo, PostcopyInfo, QueueInfo, RegionInfo,
+    Reply, StatusInfo, Timestamp, UpgradeInfo,
 };
 pub use size::{parse_size, SizeError};
 

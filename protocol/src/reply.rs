@@ -141,6 +141,20 @@ pub struct StatusInfo {
     pub frontends: Vec<FrontendInfo>,
 }
 
+/// `query-pins` result: the pin ledger, and how it compares with what the
+/// kernel reports of gmemd.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PinsInfo {
+    /// Per uid and per owner (with regions): budget, use by kind, pending pins.
+    pub ledger: gmem_pins::PinsReport,
+    /// The ledger's figures next to /proc/self/status (VmLck, VmPin);
+    /// `None` if the kernel's could not be read.
+    pub reconciliation: Option<gmem_pins::kernel::Reconciliation>,
+    /// Why the kernel's figures could not be read, if they could not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reconciliation_error: Option<String>,
+}
+
 /// `query-memory-attributes` result: one region's private/shared extents.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemoryAttributesInfo {

@@ -53,6 +53,14 @@ pub fn execute(daemon: &Daemon, upgrader: &Upgrader, command: &Command, sender: 
                 extents,
             })
         }
+        Command::QueryPins => {
+            let (ledger, reconciliation) = daemon.pins.report();
+            let (reconciliation, reconciliation_error) = match reconciliation {
+                Ok(reconciliation) => (Some(reconciliation), None),
+                Err(error) => (None, Some(error)),
+            };
+            serde_json::to_value(gmem_protocol::PinsInfo { ledger, reconciliation, reconciliation_error })
+        }
         Command::Upgrade(args) => {
             // Returns only when the upgrade did not happen.
             let error = upgrader.upgrade(args, sender.socket, sender.id);

@@ -62,6 +62,9 @@ pub struct HandoverRecord {
     pub queue_counters: Vec<QueueCounters>,
     /// Whether the guest has the device's write cache on (WCE).
     pub write_cache: bool,
+    /// The pin ledger: locked regions stay charged while the next program
+    /// locks them again (mlocks do not survive exec).
+    pub pins: gmem_pins::LedgerSnapshot,
     /// CLOCK_MONOTONIC nanoseconds when the pause began (the clock goes on
     /// across exec).
     pub paused_at_ns: u64,
@@ -116,8 +119,14 @@ mod tests {
 
     #[test]
     fn a_record_goes_through_a_memfd_and_names_each_fd_once() {
-        let regions = RegionSet::create(vec![RegionSpec { id: "ram0".into(), size: 1 << 20, backing: Backing::Memfd }])
-            .expect("ram");
+        let regions = RegionSet::create(vec![RegionSpec {
+            id: "ram0".into(),
+            size: 1 << 20,
+            backing: Backing::Memfd,
+            lock: false,
+            owner: None,
+        }])
+        .expect("ram");
         let region = regions.iter().next().expect("region");
         let record = HandoverRecord {
             version: HANDOVER_VERSION,
@@ -131,6 +140,7 @@ mod tests {
             requester: Some(Requester { fd: 9, id: Some(RequestId::from(12)), program: "/bin/gmemd".into() }),
             queue_counters: vec![QueueCounters { requests: 3, errors: 1, bytes_to_guest: 4096, bytes_from_guest: 512 }],
             write_cache: false,
+            pins: gmem_pins::PinLedger::new().snapshot(),
             paused_at_ns: 1,
         };
         let file = record.to_memfd().expect("memfd");

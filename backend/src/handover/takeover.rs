@@ -41,6 +41,9 @@ pub enum TakeoverError {
     /// The daemon's own eventfds or threads cannot be made.
     #[error("setting up the daemon: {0}")]
     Daemon(std::io::Error),
+    /// The pin ledger cannot be taken, or a region locked again.
+    #[error(transparent)]
+    Pins(crate::pins::PinsError),
     /// A connection cannot be carried on.
     #[error("frontend {id}: {why}")]
     Connection { id: u64, why: String },
@@ -119,6 +122,12 @@ impl Takeover {
         let disk = Disk::inherit(File::from(fd), path, readonly, cache).map_err(TakeoverError::Disk)?;
         disk.set_write_cache(self.record.write_cache);
         Ok(disk)
+    }
+
+    /// The pin ledger, its pins pending until their regions are locked again.
+    pub fn pins(&self, vm_id: &str, limit: gmem_pins::Limit) -> Result<crate::pins::Pins, TakeoverError> {
+        let restart = gmem_pins::Restart::Exec { inherited_rings: Default::default() };
+        crate::pins::Pins::restore(vm_id, limit, self.record.pins.clone(), &restart).map_err(TakeoverError::Pins)
     }
 
     /// The vhost-user and control listening sockets.

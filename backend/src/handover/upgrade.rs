@@ -139,6 +139,7 @@ impl Upgrader {
                     }),
                     queue_counters: self.daemon.device.queues().iter().map(|q| q.counters()).collect(),
                     write_cache: self.daemon.device.disk().write_cache(),
+                    pins: self.daemon.pins.snapshot(),
                     paused_at_ns,
                 };
                 self.exec(&program, &record)

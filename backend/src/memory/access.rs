@@ -374,8 +374,14 @@ mod tests {
 
     /// Guest RAM with two views that touch at 1 MiB, and a hole at 2 MiB.
     fn ram() -> (RegionSet, GuestRam) {
-        let regions = RegionSet::create(vec![RegionSpec { id: "r".into(), size: 4 << 20, backing: Backing::Memfd }])
-            .expect("regions");
+        let regions = RegionSet::create(vec![RegionSpec {
+            id: "r".into(),
+            size: 4 << 20,
+            backing: Backing::Memfd,
+            lock: false,
+            owner: None,
+        }])
+        .expect("regions");
         let region = regions.iter().next().expect("region");
         let open = || std::fs::OpenOptions::new().read(true).write(true).open(region.fd_path()).expect("open");
         let mut table = MemoryTable::default();

@@ -42,8 +42,10 @@ impl RegionSet {
     pub fn resume(specs: Vec<RegionSpec>, previous: &[RegionRecord]) -> Result<Self, RegionError> {
         let mut slots = Vec::with_capacity(specs.len());
         for spec in specs {
-            let awaiting =
-                previous.iter().find(|r| r.spec == spec && !matches!(spec.backing, Backing::File(_))).cloned();
+            let awaiting = previous
+                .iter()
+                .find(|r| r.spec.same_memory(&spec) && !matches!(spec.backing, Backing::File(_)))
+                .cloned();
             let live = OnceLock::new();
             if awaiting.is_none() {
                 let _ = live.set(Arc::new(GuestRegion::create(spec.clone())?));

@@ -55,6 +55,21 @@ pub struct RegionSpec {
     pub size: u64,
     /// Where the pages live.
     pub backing: Backing,
+    /// Keep the region in RAM (mlock), charged to `owner` in the pin ledger.
+    #[serde(default)]
+    pub lock: bool,
+    /// The VM the region belongs to, for the pin ledger (`None`: the
+    /// daemon's `--vm-id`).
+    #[serde(default)]
+    pub owner: Option<String>,
+}
+
+impl RegionSpec {
+    /// Whether `other` is the same memory: id, size and backing (locking
+    /// and ownership may change between two starts).
+    pub fn same_memory(&self, other: &RegionSpec) -> bool {
+        self.id == other.id && self.size == other.size && self.backing == other.backing
+    }
 }
 
 /// Errors creating a region.
@@ -253,6 +268,16 @@ impl GuestRegion {
         })
     }
 
+    /// How the region was asked for.
+    pub fn spec(&self) -> &RegionSpec {
+        &self.spec
+    }
+
+    /// The daemon's virtual address of the region's first byte.
+    pub fn host_addr(&self) -> usize {
+        self.mapping.as_ptr() as usize
+    }
+
     /// The region's private/shared map and its references.
     pub fn attributes(&self) -> &RegionAttributes {
         &self.attributes
@@ -400,7 +425,7 @@ mod tests {
     use vm_memory::VolatileMemory;
 
     fn spec(id: &str, size: u64) -> RegionSpec {
-        RegionSpec { id: id.into(), size, backing: Backing::Memfd }
+        RegionSpec { id: id.into(), size, backing: Backing::Memfd, lock: false, owner: None }
     }
 
     #[test]
@@ -456,7 +481,8 @@ mod tests {
     fn file_backed_region_keeps_content_across_instances() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("ram");
-        let spec = RegionSpec { id: "ram0".into(), size: 1 << 20, backing: Backing::File(path) };
+        let spec =
+            RegionSpec { id: "ram0".into(), size: 1 << 20, backing: Backing::File(path), lock: false, owner: None };
         let first = GuestRegion::create(spec.clone()).expect("create");
         first.mapping().get_slice(0, 1).expect("slice").copy_from(&[0xa5u8]);
         drop(first);

@@ -336,8 +336,8 @@ mod tests {
 
     fn regions() -> RegionSet {
         RegionSet::create(vec![
-            RegionSpec { id: "ram0".into(), size: 4 * MIB, backing: Backing::Memfd },
-            RegionSpec { id: "ram1".into(), size: 2 * MIB, backing: Backing::Memfd },
+            RegionSpec { id: "ram0".into(), size: 4 * MIB, backing: Backing::Memfd, lock: false, owner: None },
+            RegionSpec { id: "ram1".into(), size: 2 * MIB, backing: Backing::Memfd, lock: false, owner: None },
         ])
         .expect("regions")
     }

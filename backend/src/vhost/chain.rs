@@ -107,8 +107,14 @@ mod tests {
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 
     fn ram() -> (RegionSet, GuestRam) {
-        let regions = RegionSet::create(vec![RegionSpec { id: "r".into(), size: 1 << 20, backing: Backing::Memfd }])
-            .expect("regions");
+        let regions = RegionSet::create(vec![RegionSpec {
+            id: "r".into(),
+            size: 1 << 20,
+            backing: Backing::Memfd,
+            lock: false,
+            owner: None,
+        }])
+        .expect("regions");
         let region = regions.iter().next().expect("region");
         let fd = std::fs::OpenOptions::new().read(true).write(true).open(region.fd_path()).expect("open");
         let mut table = MemoryTable::default();

@@ -104,6 +104,12 @@ impl FrontendConnection {
     /// Publishes the table to the workers and the status.
     fn publish_table(&mut self) {
         self.status.set_mapped(self.table.views().iter().filter_map(|v| v.owner().map(str::to_string)).collect());
+        if self.daemon.pins.has_pending() {
+            // A table can bring back a region a crashed gmemd had locked.
+            if let Err(error) = self.daemon.establish_pins() {
+                log::error!("frontend {}: {error}", self.id());
+            }
+        }
         // Workers load the new table on their next batch; the old one stays
         // mapped until the last batch using it is done.
         match self.ram.lock() {

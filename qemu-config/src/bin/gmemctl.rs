@@ -104,6 +104,11 @@ enum GmemdCmd {
     Regions(Format),
     /// Show the virtio-blk device gmemd serves, with per-queue figures.
     Device(Format),
+    /// Show the pin ledger: guest RAM locked per owner (VM) and user,
+    /// budgets (--memlock-limit), pins a restarted gmemd has yet to take
+    /// back, and the kernel's own figures (VmLck, VmPin) next to the
+    /// ledger's, a mismatch flagged.
+    Pins(Format),
     /// Drop a postcopy registration whose destination QEMU disconnected
     /// before the migration ended. gmemd keeps one for
     /// --postcopy-orphan-timeout; meanwhile requests that need a page which
@@ -310,6 +315,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         GmemdCmd::Device(format) => {
             let device = client.query_device().context("query-device")?;
             tables::print(format.json, &device, tables::device)?;
+        }
+        GmemdCmd::Pins(format) => {
+            let pins = client.query_pins().context("query-pins")?;
+            tables::print(format.json, &pins, tables::pins)?;
         }
         GmemdCmd::PostcopyAbort => {
             let reply: serde_json::Value =

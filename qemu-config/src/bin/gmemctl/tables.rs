@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use gmem_protocol::{DeviceInfo, RegionInfo, StatusInfo};
+use gmem_protocol::{DeviceInfo, PinsInfo, RegionInfo, StatusInfo};
 use serde::Serialize;
 
 /// Prints `value` as pretty JSON, or as `human` renders it.
@@ -74,6 +74,39 @@ pub fn device(device: &DeviceInfo) -> String {
     });
     out.push('\n');
     out += &table(&["QUEUE", "STARTED", "REQUESTS", "ERRORS", "FROM GUEST", "TO GUEST"], rows);
+    out
+}
+
+pub fn pins(pins: &PinsInfo) -> String {
+    let limit = |limit: &gmem_pins::Limit| match limit {
+        gmem_pins::Limit::Unlimited => "unlimited".to_string(),
+        gmem_pins::Limit::Bytes(n) => bytes(*n),
+    };
+    let owners = pins.ledger.owners.iter().map(|o| {
+        let regions: Vec<&str> = o.regions.iter().map(|r| r.region.as_str()).collect();
+        vec![
+            o.owner.as_str().to_string(),
+            o.uid.to_string(),
+            limit(&o.limit),
+            bytes(o.in_use),
+            bytes(o.pending_bytes),
+            if o.over_budget { "OVER BUDGET" } else { "" }.to_string(),
+            regions.join(","),
+        ]
+    });
+    let mut out = table(&["OWNER", "UID", "BUDGET", "LOCKED", "PENDING", "", "REGIONS"], owners);
+    match (&pins.reconciliation, &pins.reconciliation_error) {
+        (Some(reconciliation), _) => {
+            out.push('\n');
+            let checks = reconciliation.checks.iter().map(|c| {
+                let observed = c.observed.map_or_else(|| "?".into(), bytes);
+                vec![c.what.clone(), bytes(c.expected), observed, format!("{:?}", c.verdict).to_lowercase()]
+            });
+            out += &table(&["CHECK", "LEDGER", "KERNEL", "VERDICT"], checks);
+        }
+        (None, Some(error)) => out += &format!("\nthe kernel's figures could not be read: {error}\n"),
+        (None, None) => {}
+    }
     out
 }
 
