@@ -91,12 +91,14 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = AioKind::IoUring)]
     pub aio: AioKind,
 
-    /// Microseconds a queue worker keeps polling its ring and its disk
-    /// engine for work before it sleeps on the kick eventfd. Polling trades
-    /// CPU (a core busy while the guest is) for latency: a request the
-    /// guest adds, or a completion, is seen at once instead of after a
-    /// wake-up. 0 (the default) never polls; 50 is a common setting.
-    #[arg(long, value_name = "US", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    /// Longest time, in microseconds, a queue worker polls its ring and its
+    /// disk engine for work before it sleeps on the kick eventfd. Polling
+    /// trades CPU for latency: a request the guest adds, or a completion,
+    /// is seen at once instead of after a wake-up. The window adapts as in
+    /// QEMU's iothreads (whose poll-max-ns defaults to 32 µs too): halved
+    /// after a poll that found nothing, doubled after a short sleep, so an
+    /// idle queue does not spin. 0 never polls.
+    #[arg(long, value_name = "US", default_value_t = 32, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     pub poll_us: u32,
 
     /// Serve the disk read-only (VIRTIO_BLK_F_RO; writes fail with IOERR).

@@ -227,6 +227,7 @@ impl Vring {
                         }
                     }
                 };
+                let poll_window = ctx.poll;
                 let run = QueueRun {
                     queue,
                     resubmit,
@@ -248,6 +249,7 @@ impl Vring {
                     // Each request in flight holds a reference per data
                     // buffer; a ring's descriptors bound how many.
                     refs: std::rc::Rc::new(crate::memory::RangeRefs::new(usize::from(size).max(256) * 4)),
+                    poll_window,
                 };
                 Ok(run.run())
             };

@@ -102,6 +102,9 @@ pub(super) struct QueueRun {
     pub completions: Vec<Completion>,
     /// References on guest RAM that keep what the worker touches shared.
     pub refs: Rc<RangeRefs>,
+    /// How long the next poll lasts: up to `--poll-us`, halved after a poll
+    /// that found nothing, doubled after a short sleep.
+    pub poll_window: std::time::Duration,
 }
 
 /// What became of a request the worker took.
@@ -147,10 +150,12 @@ impl QueueRun {
                 pending = true;
                 continue;
             }
+            let slept = std::time::Instant::now();
             match self.wait() {
                 Some(ready) => pending = ready,
                 None => break,
             }
+            self.adapt_poll(slept.elapsed());
         }
         self.drain();
         device_queue.release(self.ctx.owner);
@@ -167,10 +172,10 @@ impl QueueRun {
         ]
     }
 
-    /// Polls for up to `--poll-us` for the driver to add a request or the
-    /// engine to complete one; true when it did.
+    /// Polls for up to the poll window for the driver to add a request or
+    /// the engine to complete one; true when it did.
     fn poll(&mut self) -> bool {
-        if self.ctx.poll.is_zero() || !self.running() || self.broken {
+        if self.poll_window.is_zero() || !self.running() || self.broken {
             return false;
         }
         let ram = self.ctx.ram.memory().into_inner();
@@ -179,7 +184,7 @@ impl QueueRun {
         let access = RamAccess::new(&ram, counters, &tracking).referenced_by(&self.refs);
         // Polling reads the available ring: it must stay shared meanwhile.
         let Ok(_ring) = access.reference(&self.ring_bufs()) else { return false };
-        let deadline = std::time::Instant::now() + self.ctx.poll;
+        let deadline = std::time::Instant::now() + self.poll_window;
         while std::time::Instant::now() < deadline && self.running() {
             let added = self
                 .queue
@@ -190,7 +195,18 @@ impl QueueRun {
             }
             std::hint::spin_loop();
         }
+        // Nothing came within the window: poll less, as QEMU's iothreads do.
+        self.poll_window /= 2;
         false
+    }
+
+    /// After a sleep of `slept`: work that came sooner than the longest
+    /// window would have been caught by polling, so the window grows back.
+    fn adapt_poll(&mut self, slept: std::time::Duration) {
+        if slept < self.ctx.poll {
+            let grown = (self.poll_window * 2).max(std::time::Duration::from_micros(1));
+            self.poll_window = grown.min(self.ctx.poll);
+        }
     }
 
     /// Waits for a kick, a completion or a wake-up; `Some(true)` when there
