@@ -13,6 +13,7 @@ use gmem_protocol::{
     ClientError, Command, ErrorClass, EventKind, ExtentInfo, MemoryAttributesInfo, QueryMemoryAttributesArgs,
     SetMemoryAttributesArgs,
 };
+use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -106,4 +107,123 @@ fn a_ring_that_turns_private_stops_its_queue() {
     assert!(daemon.log().contains("is private memory"), "{}", daemon.log());
     drop(fe);
     assert!(daemon.alive(), "gmemd goes on");
+}
+
+/// The protocol under load: four queues read the disk into buffers spread
+/// over a range while another thread converts chunks of that range to
+/// private and back. Each chunk that went private is filled with a canary
+/// right away (the guest's private data); when it is made shared again the
+/// canary must be whole: no device write landed in a range after its
+/// conversion returned.
+#[test]
+fn conversions_under_four_queues_of_io_never_let_a_device_write_into_private_memory() {
+    const QUEUES: u16 = 4;
+    const AREA: u64 = 0x100_0000; // 16 MiB in
+    const CHUNK: u64 = 64 << 10;
+    const CHUNKS: u64 = 64; // 4 MiB of buffers
+    let daemon = Gmemd::start(&["--queues", "4"]);
+    std::fs::write(&daemon.disk, vec![0x77; DISK_SIZE as usize]).expect("disk");
+    let socket = std::os::unix::net::UnixStream::connect(&daemon.socket).expect("connect");
+    let mut fe = Fe::connect_queues(socket, u64::from(QUEUES));
+    fe.handshake(vhost::vhost_user::VhostUserProtocolFeatures::empty());
+    let mem = std::sync::Arc::new(daemon.map_ram());
+    fe.set_table(&[mem.whole()]).expect("SET_MEM_TABLE");
+    let mut queues = Vec::new();
+    for q in 0..QUEUES {
+        let ring = Ring::create(&mem, 0x2_0000 + u64::from(q) * 0x4000, 64);
+        let (kick, call) = (EventFd::new(EFD_NONBLOCK).expect("kick"), EventFd::new(EFD_NONBLOCK).expect("call"));
+        let index = usize::from(q);
+        fe.vu.set_vring_num(index, ring.size()).expect("num");
+        fe.vu.set_vring_base(index, 0).expect("base");
+        fe.vu.set_vring_addr(index, &ring.config(&mem)).expect("addr");
+        fe.vu.set_vring_call(index, &call).expect("call");
+        fe.vu.set_vring_kick(index, &kick).expect("kick");
+        fe.vu.set_vring_enable(index, true).expect("enable");
+        queues.push((q, ring, kick));
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers: Vec<_> = queues
+        .into_iter()
+        .map(|(q, mut ring, kick)| {
+            let (mem, stop) = (std::sync::Arc::clone(&mem), std::sync::Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let (hdr, status) = (0x4_0000 + u64::from(q) * 0x100, 0x4_8000 + u64::from(q));
+                let (mut ok, mut refused, mut i) = (0u64, 0u64, u64::from(q));
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let buf = AREA + (i * 7919 % CHUNKS) * CHUNK + (i % 16) * 4096;
+                    mem.put(hdr, T_IN.to_le());
+                    mem.put(hdr + 4, 0u32);
+                    mem.put(hdr + 8, 0u64);
+                    mem.put(status, 0xffu8);
+                    ring.push(&mem, &[Desc::r(hdr, 16), Desc::w(buf, 4096), Desc::w(status, 1)]);
+                    let target = ring.avail_idx();
+                    kick.write(1).expect("kick");
+                    while ring.used_idx_in_ram(&mem) != target {
+                        std::thread::yield_now();
+                    }
+                    match mem.get::<u8>(status) {
+                        S_OK => ok += 1,
+                        _ => refused += 1,
+                    }
+                    i += 1;
+                }
+                (ok, refused)
+            })
+        })
+        .collect();
+
+    let mut control = daemon.ctl();
+    let region = daemon.region().id;
+    let set = |control: &mut gmem_protocol::ControlClient, chunk: u64, private: bool| {
+        let args = SetMemoryAttributesArgs {
+            region: region.clone(),
+            offset: AREA + chunk * CHUNK,
+            size: CHUNK,
+            private,
+            wait_ms: None,
+        };
+        control.execute::<serde_json::Value>(&Command::SetMemoryAttributes(args))
+    };
+    let (mut converted, mut busy) = (0u32, 0u32);
+    let mut latencies = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(4);
+    let mut n = 0u64;
+    while std::time::Instant::now() < deadline {
+        let chunk = n * 31 % CHUNKS;
+        n += 1;
+        let asked = std::time::Instant::now();
+        match set(&mut control, chunk, true) {
+            Ok(_) => {
+                latencies.push(asked.elapsed());
+                converted += 1;
+                let at = AREA + chunk * CHUNK;
+                mem.write(at, &vec![0xc3; CHUNK as usize]);
+                std::thread::sleep(Duration::from_micros(500));
+                let now = mem.read(at, CHUNK as usize);
+                if let Some(bad) = now.iter().position(|b| *b != 0xc3) {
+                    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                    panic!("the device wrote {:#x} into private memory after its conversion", at + bad as u64);
+                }
+                set(&mut control, chunk, false).expect("back to shared");
+            }
+            Err(ClientError::Command(error)) if error.class == ErrorClass::Again => busy += 1,
+            Err(error) => panic!("conversion failed otherwise: {error}"),
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut refused) = (0, 0);
+    for worker in workers {
+        let (o, r) = worker.join().expect("queue thread");
+        ok += o;
+        refused += r;
+    }
+    latencies.sort_unstable();
+    let at = |q: f64| latencies.get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1)));
+    eprintln!(
+        "{converted} conversions (control round trip p50 {:?}, p99 {:?}), {busy} EAGAIN; requests: {ok} ok, {refused} \
+         refused (private)",
+        at(0.5),
+        at(0.99)
+    );
+    assert!(converted > 50 && ok > 1000 && refused > 0, "too little happened to prove anything");
 }

@@ -309,7 +309,12 @@ pub struct Fe {
 
 impl Fe {
     pub fn connect(stream: UnixStream) -> Self {
-        let vu = Frontend::from_stream(stream.try_clone().expect("dup socket"), 2);
+        Self::connect_queues(stream, 2)
+    }
+
+    /// A frontend that may drive up to `queues` queues.
+    pub fn connect_queues(stream: UnixStream, queues: u64) -> Self {
+        let vu = Frontend::from_stream(stream.try_clone().expect("dup socket"), queues);
         vu.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         let eventfd = || EventFd::new(EFD_NONBLOCK).expect("eventfd");
         Fe { vu, stream, kick: eventfd(), call: eventfd(), event_idx: false }
