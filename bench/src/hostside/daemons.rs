@@ -19,6 +19,8 @@ pub struct DaemonSetup {
     pub gmemd: PathBuf,
     /// Passed to gmemd after the harness's and the benchmark's arguments.
     pub gmemd_args: Vec<String>,
+    /// gmemd's `--memory`.
+    pub gmemd_memory: String,
     /// The qemu-storage-daemon binary.
     pub qsd: PathBuf,
 }
@@ -87,8 +89,8 @@ pub fn start(backend: Backend, setup: &DaemonSetup, image: &Path, queues: u16) -
             let mut extra = vec!["--allow-foreign-memory".to_string()];
             extra.extend(setup.gmemd_args.iter().cloned());
             let options = GmemdOptions {
-                // The guest-RAM region gmemd creates is not used here; keep it small.
-                memory: "64M".into(),
+                // The guest-RAM region gmemd creates is not used here.
+                memory: setup.gmemd_memory.clone(),
                 queues,
                 disk: Some(image.to_path_buf()),
                 extra,

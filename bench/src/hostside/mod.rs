@@ -124,6 +124,12 @@ pub struct Args {
     #[arg(long = "gmemd-arg", value_name = "ARG", allow_hyphen_values = true)]
     gmemd_args: Vec<String>,
 
+    /// Size of the guest-RAM region gmemd creates (its `--memory`): the
+    /// requests use libblkio's buffers, not this RAM, but gmemd's own
+    /// memory must not grow with it, e.g. --gmemd-memory 64G
+    #[arg(long, value_name = "SIZE", default_value = "64M")]
+    gmemd_memory: String,
+
     /// Where to write the queue-depth plot (SVG) [default: bench/results/<UTC timestamp>-host-qd.svg]
     #[arg(long, value_name = "PATH")]
     plot_out: Option<PathBuf>,
@@ -157,6 +163,7 @@ struct Settings {
     gmemd: String,
     gmemd_version: String,
     gmemd_args: Vec<String>,
+    gmemd_memory: String,
     gmemd_build: GmemdBuild,
     gmemd_only: bool,
     qsd: String,
@@ -273,8 +280,12 @@ pub fn run(args: Args) -> Result<()> {
         }
     };
     let gmemd_version = host::tool_version(&gmemd, "gmemd", "pass --gmemd PATH or build the workspace")?;
-    let setup =
-        DaemonSetup { gmemd: gmemd.clone(), gmemd_args: args.gmemd_args.clone(), qsd: args.backends.qsd.clone() };
+    let setup = DaemonSetup {
+        gmemd: gmemd.clone(),
+        gmemd_args: args.gmemd_args.clone(),
+        gmemd_memory: args.gmemd_memory.clone(),
+        qsd: args.backends.qsd.clone(),
+    };
     let slots = plan::order(&cases, reps, gmemd_only);
     println!(
         "gmem-bench host {timestamp}: {} case(s) x {reps} rep(s), {} runs of {:?} (+{:?} warm-up); gmemd {}; load average {}",
@@ -384,6 +395,7 @@ pub fn run(args: Args) -> Result<()> {
             gmemd: gmemd.display().to_string(),
             gmemd_version,
             gmemd_args: args.gmemd_args.clone(),
+            gmemd_memory: args.gmemd_memory.clone(),
             gmemd_build: args.backends.gmemd_build,
             gmemd_only,
             qsd: args.backends.qsd.display().to_string(),
@@ -474,12 +486,14 @@ fn run_one(ctx: &RunContext<'_>, case: &Case, backend: Backend, rep: u32, seed: 
     let results = phase(&mut queues, case, image_bytes, ctx.duration, pinned, seed)?;
     let (backend_after, client_after, host_after) =
         (backend_cpu(&daemon)?, sys::cpu_seconds(me)?, sys::host_busy_seconds()?);
+    let backend_memory = daemon.as_ref().map(|d| sys::memory(d.pid)).transpose()?;
     let backend_cpu = match (backend_before, backend_after) {
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
     };
-    let measurement =
+    let mut measurement =
         Measurement::new(results, case.block, backend_cpu, client_after - client_before, host_after - host_before);
+    measurement.backend_memory = backend_memory;
     let resident_after = match case.image {
         ImageKind::Uncached => Some(sys::resident_fraction(&host_file, image)?),
         ImageKind::Cached => None,

@@ -167,6 +167,8 @@ pub fn full_plan() -> Vec<Case> {
         }
     }
     cases.extend(headline().into_iter().map(Case::unpinned));
+    // gmemd's memory at its widest: eight queues, each 128 deep.
+    cases.push(Case::new(Op::Read, Pattern::Random, K4, 8, 128));
     cases
 }
 
@@ -289,6 +291,7 @@ mod tests {
             "randread-4k-q1-d128",
             "randread-4k-q1-d1-unpinned",
             "randread-4k-q1-d32-uncached-unpinned",
+            "randread-4k-q8-d128",
         ] {
             assert_eq!(names.iter().filter(|n| **n == name).count(), 1, "{name}");
         }
@@ -297,7 +300,7 @@ mod tests {
         sorted.sort_unstable();
         assert_eq!(sorted, SWEEP_DEPTHS);
         assert!(cases.iter().filter(|c| c.sweep).all(|c| c.pinning == Pinning::Pinned && c.image == ImageKind::Cached));
-        assert_eq!(cases.len(), 7 + 6 + 7);
+        assert_eq!(cases.len(), 7 + 6 + 7 + 1);
     }
 
     #[test]

@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use super::load::QueueResult;
 use super::plan::{Backend, Case};
+use super::sys::ProcessMemory;
 use crate::figures::Stats;
 
 /// What one timed run measured.
@@ -36,6 +37,9 @@ pub struct Measurement {
     /// client) used during the timed phase: how loaded the shared machine
     /// was while this run was measured.
     pub others_cpu_seconds: f64,
+    /// The backend's memory right after the timed phase, its queues still
+    /// running; `None` for the raw ceiling.
+    pub backend_memory: Option<ProcessMemory>,
 }
 
 /// The `q`-quantile (0..=1) of sorted values, nearest rank.
@@ -82,6 +86,7 @@ impl Measurement {
             cpu_us_per_io: per_io(backend_cpu_seconds.unwrap_or(client_cpu_seconds)),
             client_cpu_us_per_io: per_io(client_cpu_seconds),
             others_cpu_seconds: (host_busy_seconds - client_cpu_seconds - backend_cpu_seconds.unwrap_or(0.0)).max(0.0),
+            backend_memory: None,
         }
     }
 }
@@ -96,6 +101,9 @@ pub struct BackendSummary {
     pub p99_us: Stats,
     pub cpu_us_per_io: Stats,
     pub client_cpu_us_per_io: Stats,
+    /// The backend's anonymous memory (heap and stacks, not guest RAM or
+    /// request buffers), MiB.
+    pub rss_anon_mib: Option<Stats>,
 }
 
 impl BackendSummary {
@@ -109,6 +117,9 @@ impl BackendSummary {
             p99_us: stats(|m| m.p99_us)?,
             cpu_us_per_io: stats(|m| m.cpu_us_per_io)?,
             client_cpu_us_per_io: stats(|m| m.client_cpu_us_per_io)?,
+            rss_anon_mib: Stats::of(
+                runs.iter().filter_map(|m| m.backend_memory).map(|b| b.rss_anon_kib as f64 / 1024.0).collect(),
+            ),
         })
     }
 }
@@ -221,15 +232,18 @@ pub fn tables(summaries: &[CaseSummary]) -> String {
         ));
     }
     out.push_str(
-        "\n| case | gmemd p50/p99 µs | qsd p50/p99 µs | raw p50/p99 µs | gmemd CPU µs/IO | qsd CPU µs/IO | raw CPU µs/IO (client) | client CPU µs/IO gmemd/qsd |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|\n",
+        "\n| case | gmemd p50/p99 µs | qsd p50/p99 µs | raw p50/p99 µs | gmemd CPU µs/IO | qsd CPU µs/IO | raw CPU µs/IO (client) | client CPU µs/IO gmemd/qsd | RssAnon MiB gmemd/qsd |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
+    let rss = |s: Option<&BackendSummary>| {
+        s.and_then(|s| s.rss_anon_mib.as_ref()).map_or("-".into(), |m| format!("{:.1}", m.median))
+    };
     let lat =
         |s: Option<&BackendSummary>| s.map_or("-".into(), |s| format!("{:.0}/{:.0}", s.p50_us.median, s.p99_us.median));
     for s in summaries {
         let (g, q, r) = (s.get(Backend::Gmemd), s.qsd(), s.get(Backend::Raw));
         out.push_str(&format!(
-            "| {} | {} | {}{} | {} | {} | {} | {} | {}/{} |\n",
+            "| {} | {} | {}{} | {} | {} | {} | {} | {}/{} | {}/{} |\n",
             s.case.name,
             lat(g),
             lat(q),
@@ -240,6 +254,8 @@ pub fn tables(summaries: &[CaseSummary]) -> String {
             cell(r, |b| b.cpu_us_per_io.median, 1),
             cell(g, |b| b.client_cpu_us_per_io.median, 1),
             cell(q, |b| b.client_cpu_us_per_io.median, 1),
+            rss(g),
+            rss(q),
         ));
     }
     out

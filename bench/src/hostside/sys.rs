@@ -68,6 +68,36 @@ pub fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok(ticks as f64 / clock_ticks_per_second())
 }
 
+/// What a process holds in memory, from the `Rss*` lines of
+/// /proc/<pid>/status, KiB: anonymous memory (heap, stacks: what the
+/// backend itself allocates), file pages (its binary and libraries) and
+/// shared memory (memfds: guest RAM, libblkio's buffers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ProcessMemory {
+    pub rss_anon_kib: u64,
+    pub rss_file_kib: u64,
+    pub rss_shmem_kib: u64,
+}
+
+/// Parses the `Rss*` lines of a /proc/<pid>/status text.
+pub fn parse_status_memory(status: &str) -> Option<ProcessMemory> {
+    let field = |name: &str| {
+        status.lines().find_map(|line| line.strip_prefix(name)?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok())
+    };
+    Some(ProcessMemory {
+        rss_anon_kib: field("RssAnon:")?,
+        rss_file_kib: field("RssFile:")?,
+        rss_shmem_kib: field("RssShmem:")?,
+    })
+}
+
+/// Process `pid`'s memory now.
+pub fn memory(pid: u32) -> Result<ProcessMemory> {
+    let path = format!("/proc/{pid}/status");
+    let text = std::fs::read_to_string(&path).map_err(|e| HostBenchError::io(format!("reading {path}"), e))?;
+    parse_status_memory(&text).ok_or_else(|| HostBenchError::Parse { path, what: "no RssAnon/RssFile/RssShmem".into() })
+}
+
 /// The unit of /proc's CPU times (USER_HZ, 100 on Linux).
 pub fn clock_ticks_per_second() -> f64 {
     // SAFETY: sysconf has no preconditions.
@@ -197,6 +227,17 @@ impl Drop for AnonMemory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_memory_fields() {
+        let status =
+            "Name:\tgmemd\nVmRSS:\t   70000 kB\nRssAnon:\t    2100 kB\nRssFile:\t    3900 kB\nRssShmem:\t   64000 kB\n";
+        assert_eq!(
+            parse_status_memory(status),
+            Some(ProcessMemory { rss_anon_kib: 2100, rss_file_kib: 3900, rss_shmem_kib: 64000 })
+        );
+        assert_eq!(parse_status_memory("Name:\tx\nRssAnon:\t1 kB\n"), None);
+    }
 
     #[test]
     fn stat_cpu_fields() {
