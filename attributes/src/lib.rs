@@ -15,6 +15,7 @@
 
 mod discard;
 mod extents;
+pub mod guest_memfd;
 mod pinned;
 pub mod region;
 mod sync;

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use gmem_attributes::guest_memfd::GuestMemfdSupport;
 use gmem_protocol::{EventKind, FrontendInfo};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -283,6 +284,8 @@ pub struct Daemon {
     /// Why this gmemd cannot serve postcopy, found at start-up; `None` when
     /// it can.
     postcopy_unavailable: Option<String>,
+    /// What the kernel offers of guest_memfd, found at start-up.
+    pub guest_memfd: GuestMemfdSupport,
     started: Instant,
     next_frontend: AtomicU64,
     frontends: Mutex<BTreeMap<u64, Arc<FrontendStatus>>>,
@@ -307,8 +310,11 @@ impl Daemon {
         pins: Pins,
     ) -> std::io::Result<Self> {
         let postcopy_unavailable = Self::probe_postcopy(&regions);
+        let guest_memfd = gmem_attributes::guest_memfd::probe();
+        log::debug!("guest_memfd: {}", guest_memfd.detail);
         Ok(Daemon {
             postcopy_unavailable,
+            guest_memfd,
             regions,
             device: Arc::new(device),
             options,

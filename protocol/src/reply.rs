@@ -139,6 +139,11 @@ pub struct StatusInfo {
     pub vhost_user_socket: String,
     /// vhost-user frontends connected now.
     pub frontends: Vec<FrontendInfo>,
+    /// What the kernel offers of guest_memfd (probed at start): whether
+    /// in-place conversion, whose contract `set-memory-attributes` keeps,
+    /// could back guest RAM here.
+    #[serde(default)]
+    pub guest_memfd: gmem_attributes::guest_memfd::GuestMemfdSupport,
 }
 
 /// `query-pins` result: the pin ledger, and how it compares with what the

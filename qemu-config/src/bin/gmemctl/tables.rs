@@ -23,6 +23,7 @@ pub fn status(status: &StatusInfo) -> String {
         ("uptime", format!("{:.1} s", status.uptime_ms as f64 / 1000.0)),
         ("vhost-user socket", status.vhost_user_socket.clone()),
         ("frontends", status.frontends.len().to_string()),
+        ("guest_memfd", status.guest_memfd.detail.clone()),
     ]);
     if !status.frontends.is_empty() {
         let rows = status.frontends.iter().map(|f| {
