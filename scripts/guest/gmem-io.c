@@ -13,6 +13,8 @@
  *                                        SPAN_MIB (default: whole device)
  *   gmem-io seqio DEV BLOCKS SEED [PACE_US [STRIDE [PROGRESS_EVERY]]]
  *                                        migration workload, see seqio()
+ *   gmem-io convert DEV SEED PACE_US     reads into one page the host
+ *                                        turns private, see convert()
  *
  * Numbers are decimal. Prints one "GMEMD-RESULT key=value ..." line on
  * success; any error goes to stderr and the exit status is 1.
@@ -45,7 +47,8 @@ static void usage(void)
 {
 	fprintf(stderr, "usage: gmem-io seq-write DEV MIB | seq-read DEV MIB | "
 			"rand-read DEV COUNT [SPAN_MIB] | "
-			"seqio DEV BLOCKS SEED [PACE_US [STRIDE [PROGRESS_EVERY]]]\n");
+			"seqio DEV BLOCKS SEED [PACE_US [STRIDE [PROGRESS_EVERY]]] | "
+			"convert DEV SEED PACE_US\n");
 	exit(1);
 }
 
@@ -377,6 +380,100 @@ static int seqio(const char *dev, uint64_t blocks, uint64_t seed, uint64_t pace_
 	return rc;
 }
 
+/* The guest-physical frame of the page at `addr` (mapped and locked), from
+ * /proc/self/pagemap: bit 63 present, bits 0-54 the frame (root only). */
+static uint64_t page_frame(const void *addr)
+{
+	int fd = open("/proc/self/pagemap", O_RDONLY);
+	if (fd < 0)
+		die("/proc/self/pagemap");
+	uint64_t entry;
+	off_t at = (off_t)((uintptr_t)addr / BLOCK * sizeof(entry));
+	if (pread(fd, &entry, sizeof(entry), at) != (ssize_t)sizeof(entry))
+		die("reading /proc/self/pagemap");
+	close(fd);
+	uint64_t frame = entry & ((1ull << 55) - 1);
+	if (!(entry >> 63) || !frame) {
+		fprintf(stderr, "gmem-io: pagemap gives no frame for %p (entry %#llx)\n", addr,
+			(unsigned long long)entry);
+		exit(1);
+	}
+	return frame;
+}
+
+#define CONVERT_EIO_WANTED 3u    /* errors to see before expecting recovery */
+#define CONVERT_OK_AFTER 256u    /* good reads after the last error to finish */
+#define CONVERT_MAX_READS 200000u
+
+/*
+ * convert: the guest's side of the host turning its I/O buffer private.
+ *
+ * Writes pattern(SEED, 0) to block 0 (O_DIRECT), then reads block 0 back
+ * into one locked page, again and again, PACE_US apart. First prints the
+ * page's guest-physical frame, "GMEMD-PROGRESS convert_pfn=<frame>", for
+ * the host to convert exactly that page; then "GMEMD-PROGRESS
+ * convert_eio=<n>" at every read that fails with EIO (the device refused
+ * to write private memory) and "GMEMD-PROGRESS convert_ok=<n>" every 64
+ * good reads. The page is filled with SEQIO_FILL before each read, so a
+ * read that claims success but left the page alone is caught: every good
+ * read must return the pattern exactly.
+ *
+ * Ends once CONVERT_EIO_WANTED errors were followed by CONVERT_OK_AFTER
+ * good reads (the host made the page shared again), or after
+ * CONVERT_MAX_READS reads. Prints "GMEMD-RESULT convert_ok=N convert_eio=E
+ * convert_bad=B" and returns 1 if a read returned wrong data, failed
+ * otherwise than with EIO, or the errors and the recovery never came.
+ */
+static int convert(const char *dev, uint64_t seed, uint64_t pace_us)
+{
+	int fd = open(dev, O_RDWR | O_DIRECT);
+	if (fd < 0)
+		die(dev);
+	unsigned char *page = mmap(NULL, BLOCK, PROT_READ | PROT_WRITE,
+				   MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+	if (page == MAP_FAILED)
+		die("mmap");
+	if (mlock(page, BLOCK))
+		die("mlock");
+	uint64_t expected[BLOCK / 8];
+	seqio_pattern(seed, 0, expected);
+	memcpy(page, expected, BLOCK);
+	xfer(fd, 1, page, BLOCK, 0);
+	printf("GMEMD-PROGRESS convert_pfn=%llu\n", (unsigned long long)page_frame(page));
+	fflush(stdout);
+
+	uint64_t ok = 0, eio = 0, bad = 0, ok_since_eio = 0;
+	for (uint64_t n = 0; n < CONVERT_MAX_READS; n++) {
+		memset(page, SEQIO_FILL, BLOCK);
+		ssize_t got = pread(fd, page, BLOCK, 0);
+		if (got < 0 && errno == EIO) {
+			eio++;
+			ok_since_eio = 0;
+			printf("GMEMD-PROGRESS convert_eio=%llu\n", (unsigned long long)eio);
+			fflush(stdout);
+		} else if (got == (ssize_t)BLOCK) {
+			if (memcmp(page, expected, BLOCK))
+				bad++;
+			ok++;
+			ok_since_eio++;
+			if (ok % 64 == 0) {
+				printf("GMEMD-PROGRESS convert_ok=%llu\n", (unsigned long long)ok);
+				fflush(stdout);
+			}
+			if (eio >= CONVERT_EIO_WANTED && ok_since_eio >= CONVERT_OK_AFTER)
+				break;
+		} else {
+			die("pread");
+		}
+		if (pace_us)
+			usleep((useconds_t)pace_us);
+	}
+	printf("GMEMD-RESULT convert_ok=%llu convert_eio=%llu convert_bad=%llu\n", (unsigned long long)ok,
+	       (unsigned long long)eio, (unsigned long long)bad);
+	close(fd);
+	return bad || eio < CONVERT_EIO_WANTED || ok_since_eio < CONVERT_OK_AFTER;
+}
+
 int main(int argc, char **argv)
 {
 	if (argc < 4)
@@ -401,6 +498,8 @@ int main(int argc, char **argv)
 			   argc >= 6 ? parse_num(argv[5], 1) : 0,
 			   argc >= 7 ? parse_u64(argv[6]) : 1,
 			   argc == 8 ? parse_u64(argv[7]) : SEQIO_PROGRESS_EVERY);
+	else if (!strcmp(op, "convert") && argc == 5)
+		rc = convert(dev, parse_num(argv[3], 1), parse_num(argv[4], 1));
 	else
 		usage();
 	/* stdout may be a pipe: make a failed write of the result line visible. */

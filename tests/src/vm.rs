@@ -34,6 +34,9 @@ pub struct VmOptions {
     pub agent: String,
     /// The agent's parameters.
     pub params: Vec<(String, String)>,
+    /// More words for the guest kernel's command line, e.g.
+    /// `memmap=16M$0x10000000` to keep the guest off part of its RAM.
+    pub kernel_args: Vec<String>,
     /// A named network namespace to run QEMU in, e.g. a
     /// [`HostPair`](crate::net::HostPair) side.
     pub netns: Option<String>,
@@ -59,6 +62,7 @@ impl VmOptions {
             cpus: 1,
             agent: agent.to_owned(),
             params: Vec::new(),
+            kernel_args: Vec::new(),
             netns: None,
             incoming: false,
             qemu: None,
@@ -130,10 +134,15 @@ impl Vm {
     fn command(gmemd: &Gmemd, options: &VmOptions, serial: &Path, qmp: &Path) -> Result<QemuCommand> {
         let image = GuestImage::ensure()?;
         let params: Vec<(&str, &str)> = options.params.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let mut append = agent_append(&options.agent, &params);
+        for word in &options.kernel_args {
+            append.push(' ');
+            append.push_str(word);
+        }
         let mut command = QemuCommand::for_daemon(&mut gmemd.client()?)?
             .kernel(&image.kernel)
             .initrd(&image.initrd)
-            .append(agent_append(&options.agent, &params))
+            .append(append)
             .cpus(std::num::NonZeroU32::new(options.cpus).context("cpus must be at least 1")?)
             .serial(SerialSink::File(serial.to_owned()))
             .qmp(qmp)
