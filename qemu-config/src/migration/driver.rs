@@ -322,8 +322,6 @@ fn gmemd_migration(
     gmemd.as_deref_mut().map(|client| client.query_migration().map_err(MigrationError::gmemd(side))).transpose()
 }
 
-/// The time between the source gmemd's last request completion and the
-/// destination gmemd's first, when both exist in that order.
 /// How long the report waits for the destination device's first request,
 /// for [`MigrationReport::device_io_gap_us`], when the source's device was
 /// busy: QEMU says the guest runs a moment before its I/O resumes.
@@ -347,6 +345,8 @@ fn destination_io_resumed(
     }
 }
 
+/// The time between the source gmemd's last request completion and the
+/// destination gmemd's first, when both exist in that order.
 fn device_io_gap_us(source: Option<&MigrationInfo>, destination: Option<&MigrationInfo>) -> Option<u64> {
     let last = source?.device_io.last_completion_us;
     let first = destination?.device_io.first_completion_us;

@@ -275,8 +275,6 @@ impl fmt::Display for Seconds {
     }
 }
 
-/// Bytes with an optional K, M, G or T suffix (powers of 1024, as QEMU
-/// reads them), optionally followed by `B` or `iB`: `4096`, `100M`, `1GiB`.
 #[cfg(test)]
 mod tests {
     use super::*;
