@@ -3,14 +3,20 @@
 //!
 //! The QMP sequence:
 //!
+//! 0. Optionally, [`postcopy_preempt_unavailable`] asks both QEMUs
+//!    (`query-migrate-capabilities`) and looks at both URIs to say whether
+//!    postcopy can send requested pages on a channel of their own
+//!    ([`MigrationOptions::postcopy_preempt`]).
 //! 1. Destination, started with `-incoming defer` ([`prepare_destination`]):
-//!    `migrate-set-capabilities` (`postcopy-ram`, and `postcopy-blocktime`
-//!    so that QEMU measures how long vCPUs wait for missing pages), then
-//!    `migrate-incoming {uri}`. Capabilities must be set before the
-//!    destination listens, which is why `-incoming URI` will not do.
+//!    `migrate-set-capabilities` (`postcopy-ram`, `postcopy-preempt`, and
+//!    `postcopy-blocktime` so that QEMU measures how long vCPUs wait for
+//!    missing pages), then `migrate-incoming {uri}`. Capabilities must be
+//!    set before the destination listens, which is why `-incoming URI` will
+//!    not do.
 //! 2. Source ([`Migration::start`]): `migrate-set-capabilities`
-//!    (`postcopy-ram`), `migrate-set-parameters` (`max-bandwidth`,
-//!    `max-postcopy-bandwidth`, `downtime-limit`), `migrate {uri}`.
+//!    (`postcopy-ram`, `postcopy-preempt`), `migrate-set-parameters`
+//!    (`max-bandwidth`, `max-postcopy-bandwidth`, `downtime-limit`),
+//!    `migrate {uri}`.
 //! 3. [`Migration::wait`]: `query-migrate` on the source every
 //!    [`POLL_INTERVAL`]; `migrate-start-postcopy` when
 //!    [`MigrationOptions::postcopy`] says so; once the source is
@@ -33,12 +39,15 @@ use gmem_protocol::ControlClient;
 use serde_json::{json, Value};
 
 use crate::qmp::QmpClient;
+use capabilities::set_capabilities;
 
+mod capabilities;
 mod driver;
 mod error;
 mod info;
 mod report;
 
+pub use capabilities::{postcopy_preempt_unavailable, query_capabilities, PreemptUnavailable, POSTCOPY_PREEMPT};
 pub use driver::Migration;
 pub use error::{MigrationError, Side};
 pub use info::{MigrationStatus, QemuMigrationInfo, RamStats};
@@ -49,6 +58,12 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 /// How long a recovery step waits for a side to reach the status it needs.
 pub const STATE_CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long [`Migration::wait`] lets a postcopy with `postcopy-preempt` sit
+/// with nothing left to send before it reports
+/// [`MigrationError::PostcopyPreemptStuck`]. A postcopy that completes does
+/// so within a second of sending its last page here, stuck ones never do.
+pub const PREEMPT_STUCK_AFTER: Duration = Duration::from_secs(10);
 
 /// [`MigrationOptions::timeout`] unless set otherwise.
 pub const DEFAULT_MIGRATION_TIMEOUT: Duration = Duration::from_secs(600);
@@ -64,6 +79,13 @@ pub struct MigrationOptions {
     pub connect_uri: String,
     /// Whether and when to switch to postcopy; `None` is precopy only.
     pub postcopy: Option<SwitchToPostcopy>,
+    /// With [`postcopy`](Self::postcopy): send the pages the destination
+    /// asks for on a connection of their own (`postcopy-preempt`, set on
+    /// both QEMUs), instead of queueing them behind the pages streamed in
+    /// the background. Needs the capability in both QEMUs and a URI that
+    /// can open a second connection; [`postcopy_preempt_unavailable`] says
+    /// whether they have it. Off unless set.
+    pub postcopy_preempt: bool,
     /// Precopy bandwidth cap, bytes/s (`max-bandwidth`); `None` keeps
     /// QEMU's, which is 128 MiB/s unless changed.
     pub max_bandwidth: Option<u64>,
@@ -87,11 +109,17 @@ impl MigrationOptions {
             connect_uri: uri.clone(),
             listen_uri: uri,
             postcopy: None,
+            postcopy_preempt: false,
             max_bandwidth: None,
             max_postcopy_bandwidth: None,
             downtime_limit_ms: None,
             timeout: DEFAULT_MIGRATION_TIMEOUT,
         }
+    }
+
+    /// Whether `postcopy-preempt` is to be on: asked for, with postcopy.
+    fn preempts(&self) -> bool {
+        self.postcopy.is_some() && self.postcopy_preempt
     }
 }
 
@@ -140,7 +168,9 @@ pub fn prepare_destination(dst: &mut QmpClient, options: &MigrationOptions) -> R
         return Err(MigrationError::AlreadyIncoming { status });
     }
     let postcopy = options.postcopy.is_some();
-    set_capabilities(dst, side, &[("postcopy-ram", postcopy), ("postcopy-blocktime", postcopy)])?;
+    let capabilities =
+        [("postcopy-ram", postcopy), (POSTCOPY_PREEMPT, options.preempts()), ("postcopy-blocktime", postcopy)];
+    set_capabilities(dst, side, &capabilities)?;
     dst.execute("migrate-incoming", json!({ "uri": options.listen_uri })).map_err(MigrationError::qmp(side))?;
     Ok(())
 }
@@ -179,13 +209,6 @@ pub fn wait_for_status(
         }
     })?;
     reached.ok_or_else(|| wrong(status))
-}
-
-/// Sets each named capability on or off.
-fn set_capabilities(qmp: &mut QmpClient, side: Side, capabilities: &[(&str, bool)]) -> Result<(), MigrationError> {
-    let list: Vec<Value> = capabilities.iter().map(|(name, on)| json!({ "capability": name, "state": on })).collect();
-    qmp.execute("migrate-set-capabilities", json!({ "capabilities": list })).map_err(MigrationError::qmp(side))?;
-    Ok(())
 }
 
 /// Calls `check` every [`POLL_INTERVAL`] until it returns a value, or

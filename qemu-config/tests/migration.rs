@@ -16,7 +16,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use gmem_qemu::migration::{query_migrate, wait_for_status, Side};
+use gmem_qemu::migration::{
+    postcopy_preempt_unavailable, query_capabilities, query_migrate, wait_for_status, PreemptUnavailable, Side,
+    POSTCOPY_PREEMPT,
+};
 use gmem_qemu::{
     prepare_destination, Endpoint, Migration, MigrationError, MigrationOptions, MigrationReport, MigrationStatus,
     Progress, QmpClient, SwitchToPostcopy,
@@ -29,6 +32,11 @@ const RAM: u64 = 128 * MIB;
 /// first MiB and the top of RAM.
 const PATTERN_AT: u64 = 16 * MIB;
 const PATTERN_LEN: u64 = 32 * MIB;
+
+/// QEMU trace events that show the postcopy-preempt connection at work:
+/// the destination accepting it, the source sending a requested page on it.
+const PREEMPT_TRACE: [&str; 4] =
+    ["-trace", "postcopy_preempt_new_channel", "-trace", "postcopy_preempt_send_host_page"];
 
 /// Fails the test, rather than passing it unrun, without QEMU: the README's
 /// test command (scripts/test) installs it.
@@ -125,8 +133,9 @@ impl Pair {
         ram.set_len(RAM).expect("ftruncate");
         ram.write_all_at(pattern(), PATTERN_AT).expect("fill");
         let backend = format!("memory-backend-file,mem-path=/proc/{}/fd/{}", std::process::id(), ram.as_raw_fd());
-        let src = Qemu::start(dir.path(), "src", &backend, &[]);
-        let dst = Qemu::start(dir.path(), "dst", "memory-backend-memfd", &["-incoming", "defer"]);
+        let src = Qemu::start(dir.path(), "src", &backend, &PREEMPT_TRACE);
+        let dst_args = [&["-incoming", "defer"][..], &PREEMPT_TRACE].concat();
+        let dst = Qemu::start(dir.path(), "dst", "memory-backend-memfd", &dst_args);
         Pair { dir, _source_ram: ram, src, dst }
     }
 
@@ -226,12 +235,75 @@ fn postcopy_finishes_what_a_throttled_precopy_started() {
     eprintln!("postcopy: {report:?}, test took {:?}", started.elapsed());
 }
 
+/// With postcopy-preempt the destination accepts a second connection and
+/// the source sends each requested page on it, as the request arrives.
 #[test]
-fn a_paused_postcopy_recovers_on_a_new_socket() {
+fn postcopy_preempt_sends_requested_pages_on_their_own_connection() {
     need_qemu();
     let started = Instant::now();
     let mut pair = Pair::start();
     let mut options = pair.options();
+    options.max_bandwidth = Some(4 * MIB);
+    options.postcopy = Some(SwitchToPostcopy::After(Duration::from_millis(500)));
+    options.postcopy_preempt = true;
+    let unavailable = postcopy_preempt_unavailable(pair.src.qmp(), pair.dst.qmp(), &options).expect("probe");
+    assert_eq!(unavailable, None, "guestless QEMUs without vhost-user devices");
+    prepare_destination(pair.dst.qmp(), &options).expect("prepare destination");
+    let on = |qmp: &mut QmpClient, side| query_capabilities(qmp, side).expect("capabilities")[POSTCOPY_PREEMPT];
+    assert!(on(pair.dst.qmp(), Side::Destination));
+    let mut migration = Migration::start(pair.src.qmp(), &options).expect("start");
+    assert!(on(pair.src.qmp(), Side::Source));
+    let (report, _) = pair.wait(&mut migration);
+
+    assert!(report.postcopy && report.postcopy_preempt, "{report:?}");
+    pair.assert_guest_moved();
+    assert!(pair.dst.log().contains("postcopy_preempt_new_channel"), "{}", pair.dst.log());
+    let sent = pair.src.log().matches("postcopy_preempt_send_host_page").count();
+    assert_eq!(sent as u64, report.ram.postcopy_requests, "{}", pair.src.log());
+    eprintln!("postcopy-preempt: {report:?}, {sent} pages sent preempting, test took {:?}", started.elapsed());
+}
+
+/// fd: and exec: URIs carry one connection; QEMU refuses postcopy-preempt
+/// with them, and the probe says so first.
+#[test]
+fn postcopy_preempt_needs_a_uri_for_two_connections() {
+    need_qemu();
+    let mut pair = Pair::start();
+    let mut options = pair.options();
+    options.postcopy = Some(SwitchToPostcopy::AfterFirstPass);
+    options.postcopy_preempt = true;
+    options.connect_uri = "fd:migration".into();
+    let unavailable = postcopy_preempt_unavailable(pair.src.qmp(), pair.dst.qmp(), &options).expect("probe");
+    assert_eq!(unavailable, Some(PreemptUnavailable::SingleChannel { uri: "fd:migration".into() }));
+    assert!(unavailable.is_some_and(|u| u.qemu_refuses()));
+
+    // QEMU's own word, on the destination.
+    options.listen_uri = "exec:cat".into();
+    match prepare_destination(pair.dst.qmp(), &options) {
+        Err(e @ MigrationError::Qmp { side: Side::Destination, .. }) => {
+            assert!(e.to_string().contains("multi-channel"), "{e}")
+        }
+        other => panic!("postcopy-preempt over exec: {other:?}"),
+    }
+}
+
+#[test]
+fn a_paused_postcopy_recovers_on_a_new_socket() {
+    paused_postcopy_recovers_on_a_new_socket(false);
+}
+
+/// With postcopy-preempt the source opens both connections anew.
+#[test]
+fn a_paused_postcopy_preempt_recovers_on_a_new_socket() {
+    paused_postcopy_recovers_on_a_new_socket(true);
+}
+
+fn paused_postcopy_recovers_on_a_new_socket(preempt: bool) {
+    need_qemu();
+    let started = Instant::now();
+    let mut pair = Pair::start();
+    let mut options = pair.options();
+    options.postcopy_preempt = preempt;
     options.max_bandwidth = Some(4 * MIB);
     // Slow enough that the pause lands well before postcopy is done.
     options.max_postcopy_bandwidth = Some(16 * MIB);
@@ -269,6 +341,9 @@ fn a_paused_postcopy_recovers_on_a_new_socket() {
 
     assert_eq!(seen.last(), Some(&MigrationStatus::Completed), "{seen:?}");
     assert!(report.postcopy && report.recoveries == 1, "{report:?}");
+    assert_eq!(report.postcopy_preempt, preempt, "{report:?}");
+    let channels = pair.dst.log().matches("postcopy_preempt_new_channel").count();
+    assert_eq!(channels, if preempt { 2 } else { 0 }, "{}", pair.dst.log());
     // Not the time from the switchover to completion, which QEMU puts in
     // `downtime` when the real downtime rounds to 0 ms.
     assert!(report.downtime_ms < 500, "{report:?}");

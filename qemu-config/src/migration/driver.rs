@@ -7,9 +7,9 @@ use gmem_protocol::{ControlClient, MigrationInfo};
 use serde_json::{json, Map, Value};
 
 use super::{
-    poll_until, query_migrate, set_capabilities, wait_for_status, Endpoint, MigrationError, MigrationOptions,
-    MigrationReport, MigrationStatus, Progress, QemuMigrationInfo, Side, SwitchToPostcopy, POLL_INTERVAL,
-    STATE_CHANGE_TIMEOUT,
+    poll_until, query_capabilities, query_migrate, set_capabilities, wait_for_status, Endpoint, MigrationError,
+    MigrationOptions, MigrationReport, MigrationStatus, Progress, QemuMigrationInfo, Side, SwitchToPostcopy,
+    POLL_INTERVAL, POSTCOPY_PREEMPT, PREEMPT_STUCK_AFTER, STATE_CHANGE_TIMEOUT,
 };
 use crate::qmp::{QmpClient, QmpError};
 
@@ -28,14 +28,23 @@ pub struct Migration {
     /// [`MigrationReport::downtime_ms`].
     postcopy_downtime: Option<u64>,
     recoveries: u32,
+    /// Whether the source runs it with `postcopy-preempt`.
+    postcopy_preempt: bool,
 }
 
 impl Migration {
     /// Sets the source's capabilities and parameters and sends `migrate`.
-    /// The destination must be ready ([`prepare_destination`](super::prepare_destination)).
+    /// The destination must be ready ([`prepare_destination`](super::prepare_destination)
+    /// with the same `options`: `postcopy-preempt` must be on both sides or
+    /// on neither).
     pub fn start(src: &mut QmpClient, options: &MigrationOptions) -> Result<Self, MigrationError> {
         let side = Side::Source;
-        set_capabilities(src, side, &[("postcopy-ram", options.postcopy.is_some())])?;
+        let postcopy_preempt = options.preempts();
+        set_capabilities(
+            src,
+            side,
+            &[("postcopy-ram", options.postcopy.is_some()), (POSTCOPY_PREEMPT, postcopy_preempt)],
+        )?;
         let mut parameters = Map::new();
         let mut set = |name: &str, value: Option<u64>| {
             if let Some(value) = value {
@@ -57,18 +66,21 @@ impl Migration {
             entered_postcopy: false,
             postcopy_downtime: None,
             recoveries: 0,
+            postcopy_preempt,
         })
     }
 
     /// Takes over a migration the source is already running, e.g. one
     /// another process started that is now `postcopy-paused`. Its start
-    /// time is taken from QEMU's `total-time`.
+    /// time is taken from QEMU's `total-time`, and whether it runs with
+    /// `postcopy-preempt` from the source's capabilities (not `options`).
     pub fn attach(src: &mut QmpClient, options: &MigrationOptions) -> Result<Self, MigrationError> {
         let info = query_migrate(src, Side::Source)?;
         let status = info.status();
         if status == MigrationStatus::None || status.is_finished() {
             return Err(MigrationError::WrongStatus { side: Side::Source, status, expected: "in progress".into() });
         }
+        let postcopy_preempt = query_capabilities(src, Side::Source)?.get(POSTCOPY_PREEMPT) == Some(&true);
         let running_for = Duration::from_millis(info.total_time.unwrap_or(0));
         Ok(Migration {
             options: options.clone(),
@@ -77,6 +89,7 @@ impl Migration {
             entered_postcopy: status.is_postcopy(),
             postcopy_downtime: None,
             recoveries: 0,
+            postcopy_preempt,
         })
     }
 
@@ -101,9 +114,12 @@ impl Migration {
     ///
     /// Fails with [`MigrationError::PostcopyPaused`] when the source
     /// pauses in postcopy (recover with [`recover`](Self::recover) and
-    /// [`resume`](Self::resume), then call `wait` again), and with
-    /// [`MigrationError::Timeout`] after [`MigrationOptions::timeout`]
-    /// (the migration goes on; see [`cancel`](Self::cancel)).
+    /// [`resume`](Self::resume), then call `wait` again), with
+    /// [`MigrationError::PostcopyPreemptStuck`] when a postcopy with
+    /// `postcopy-preempt` has had nothing left to send for
+    /// [`PREEMPT_STUCK_AFTER`], and with [`MigrationError::Timeout`] after
+    /// [`MigrationOptions::timeout`] (the migration goes on; see
+    /// [`cancel`](Self::cancel)).
     pub fn wait(
         &mut self,
         source: Endpoint<'_>,
@@ -113,13 +129,14 @@ impl Migration {
         let Endpoint { qmp: src, gmemd: mut src_gmemd } = source;
         let Endpoint { qmp: dst, gmemd: mut dst_gmemd } = destination;
         let deadline = self.started + self.options.timeout;
-        let (progress, src_info) = loop {
+        let mut all_sent_since: Option<Instant> = None;
+        let (progress, src_info, stuck) = loop {
             let (mut progress, info) = self.look(src)?;
             progress.source_gmemd = gmemd_migration(&mut src_gmemd, Side::Source)?;
             progress.destination_gmemd = gmemd_migration(&mut dst_gmemd, Side::Destination)?;
             on_progress(&progress);
             match progress.status {
-                MigrationStatus::Completed => break (progress, info),
+                MigrationStatus::Completed => break (progress, info, None),
                 MigrationStatus::Failed => {
                     // The destination may say more (e.g. why loading failed);
                     // by default it exits when an incoming migration fails.
@@ -135,6 +152,17 @@ impl Migration {
                 }
                 _ => {}
             }
+            if self.postcopy_preempt
+                && progress.status == MigrationStatus::PostcopyActive
+                && progress.ram.remaining == 0
+            {
+                let since = *all_sent_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= PREEMPT_STUCK_AFTER {
+                    break (progress, info, Some(since.elapsed()));
+                }
+            } else {
+                all_sent_since = None;
+            }
             if self.postcopy_due(&progress) {
                 self.switch_to_postcopy(src)?;
             }
@@ -147,17 +175,25 @@ impl Migration {
         // still loads the device state); give it a little time even when
         // the overall deadline has passed.
         let grace = deadline.saturating_duration_since(Instant::now()).max(STATE_CHANGE_TIMEOUT);
-        let dst_info = destination_completion(dst, grace)?;
-        let destination_run_state = destination_run_state(dst, grace)?;
+        let (dst_info, destination_run_state) = match stuck {
+            None => (destination_completion(dst, grace)?, destination_run_state(dst, grace)?),
+            // The guest runs on the destination; whatever state it is in is
+            // part of the report, not a reason to fail.
+            Some(_) => (
+                query_migrate(dst, Side::Destination)?,
+                dst.query_status().map_err(MigrationError::qmp(Side::Destination))?,
+            ),
+        };
         let source_gmemd = gmemd_migration(&mut src_gmemd, Side::Source)?;
         let destination_gmemd = destination_io_resumed(&mut dst_gmemd, source_gmemd.as_ref())?;
-        Ok(MigrationReport {
+        let report = MigrationReport {
             elapsed_ms: millis(self.started.elapsed()),
             total_time_ms: src_info.total_time.unwrap_or(0),
             downtime_ms: self.postcopy_downtime.or(src_info.downtime).unwrap_or(0),
             setup_time_ms: src_info.setup_time.unwrap_or(0),
             postcopy: self.entered_postcopy || progress.ram.postcopy_bytes > 0,
             postcopy_switch_ms: self.postcopy_requested.map(millis),
+            postcopy_preempt: self.postcopy_preempt,
             recoveries: self.recoveries,
             ram: progress.ram,
             postcopy_blocktime_ms: dst_info.postcopy_blocktime,
@@ -166,7 +202,11 @@ impl Migration {
             device_io_gap_us: device_io_gap_us(source_gmemd.as_ref(), destination_gmemd.as_ref()),
             source_gmemd,
             destination_gmemd,
-        })
+        };
+        match stuck {
+            None => Ok(report),
+            Some(sent_all_for) => Err(MigrationError::PostcopyPreemptStuck { sent_all_for, report: Box::new(report) }),
+        }
     }
 
     /// Pauses a postcopy migration on purpose: waits for the guest to run
@@ -194,6 +234,8 @@ impl Migration {
 
     /// The destination's half of a postcopy recovery: `migrate-recover`,
     /// so that it listens on `uri` for the source's [`resume`](Self::resume).
+    /// With `postcopy-preempt` the source opens both connections anew, so
+    /// `uri` must be able to carry two (tcp:, unix:).
     ///
     /// Sent out of band when the monitor allows it. A paused destination's
     /// main loop can be blocked until the stream resumes: a vCPU that holds

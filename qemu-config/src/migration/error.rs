@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use gmem_protocol::ClientError;
 
-use super::MigrationStatus;
+use super::{MigrationReport, MigrationStatus};
 use crate::qmp::QmpError;
 
 /// One of the two ends of a migration.
@@ -101,6 +101,24 @@ pub enum MigrationError {
         status: MigrationStatus,
         /// What was needed, e.g. "postcopy-paused".
         expected: String,
+    },
+    /// Postcopy with `postcopy-preempt` has sent all of RAM but does not
+    /// complete: the destination waits for page requests of vhost-user
+    /// backends that QEMU never marks as served (QEMU 10.0.2 and 11.1.3;
+    /// see [`PreemptUnavailable::VhostUserDevices`](super::PreemptUnavailable::VhostUserDevices)).
+    /// The guest runs on the destination; the source stays `postcopy-active`.
+    #[error(
+        "postcopy sent all of RAM {} ago but does not complete: with postcopy-preempt, the destination \
+         QEMU waits forever for page requests its vhost-user backends made (a QEMU bug seen in 10.0.2 and \
+         11.1.3; docs/migration.md); the guest runs on the destination, the source QEMU stays postcopy-active",
+        seconds(*sent_all_for)
+    )]
+    PostcopyPreemptStuck {
+        /// How long the source had had nothing left to send.
+        sent_all_for: Duration,
+        /// Both QEMUs' and gmemds' figures as they stood then; `total_time_ms`
+        /// is the time so far.
+        report: Box<MigrationReport>,
     },
     /// The migration did not finish in time.
     #[error("migration still {status} after {}", seconds(*elapsed))]

@@ -26,12 +26,15 @@ pub struct Progress {
     pub destination_gmemd: Option<MigrationInfo>,
 }
 
-/// A completed migration, as both QEMUs and gmemds report it.
+/// A completed migration, as both QEMUs and gmemds report it; or one that
+/// will not complete, as they reported it when that became clear
+/// ([`MigrationError::PostcopyPreemptStuck`](super::MigrationError::PostcopyPreemptStuck)).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MigrationReport {
     /// Wall-clock time from `migrate` to the destination's guest running, ms.
     pub elapsed_ms: u64,
-    /// The source's `total-time`, ms.
+    /// The source's `total-time`, ms (of a migration that will not
+    /// complete: so far).
     pub total_time_ms: u64,
     /// The source's `downtime` (guest stopped at switchover), ms. For
     /// postcopy, the value QEMU first reported in postcopy: QEMU 10.0
@@ -45,6 +48,10 @@ pub struct MigrationReport {
     pub postcopy: bool,
     /// When `migrate-start-postcopy` was sent, ms after `migrate`.
     pub postcopy_switch_ms: Option<u64>,
+    /// Whether the migration ran with `postcopy-preempt`: in postcopy, the
+    /// source sent the pages the destination asked for on a connection of
+    /// their own.
+    pub postcopy_preempt: bool,
     /// Postcopy recoveries (`migrate` with `resume`) along the way.
     pub recoveries: u32,
     /// The source's final RAM figures.
@@ -56,7 +63,8 @@ pub struct MigrationReport {
     /// The destination's `postcopy-vcpu-blocktime`, ms per vCPU.
     pub postcopy_vcpu_blocktime_ms: Option<Vec<u64>>,
     /// The destination's run state afterwards: `running`, or `paused` if
-    /// it was started with `-S`.
+    /// it was started with `-S` (of a migration that will not complete:
+    /// whatever it was, e.g. `shutdown`).
     pub destination_run_state: String,
     /// From the source gmemd's last device request completion to the
     /// destination gmemd's first, µs: how long the guest's disk I/O stalled
