@@ -416,6 +416,8 @@ fn gmemctl_migrate_prints_a_json_report_and_explains_a_wrong_destination() {
     assert!(output.status.success(), "{stderr}");
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON report");
     assert_eq!(report["postcopy"], true, "{report}");
+    // Both QEMUs have it, the URI is unix:, no vhost-user device: on.
+    assert_eq!(report["postcopy_preempt"], true, "{report}");
     assert_eq!(report["destination_run_state"], "running", "{report}");
     assert!(report["ram"]["postcopy_bytes"].as_u64() > Some(0), "{report}");
     // stderr is no terminal here: progress comes as lines.
@@ -431,6 +433,43 @@ fn gmemctl_migrate_prints_a_json_report_and_explains_a_wrong_destination() {
     assert!(output.stdout.is_empty());
     assert!(stderr.contains("start it with -incoming defer"), "{stderr}");
     eprintln!("test took {:?}", started.elapsed());
+}
+
+/// `--postcopy-preempt on` refuses what QEMU would refuse, before touching
+/// either QEMU; `off` migrates without it, and the summary says so.
+#[test]
+fn gmemctl_migrate_postcopy_preempt_on_and_off() {
+    need_qemu();
+    let mut pair = Pair::start();
+    let uri = pair.uri("migration.sock");
+    let (src, dst) = (pair.src.qmp_path.clone(), pair.dst.qmp_path.clone());
+    let gmemctl = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_gmemctl"))
+            .args(["migrate", "--uri", &uri, "--postcopy-after", "0.3", "--max-bandwidth", "4M"])
+            .args(extra)
+            .arg("--from")
+            .arg(&src)
+            .arg("--to")
+            .arg(&dst)
+            .output()
+            .expect("run gmemctl")
+    };
+    pair.src.disconnect();
+    pair.dst.disconnect();
+
+    let output = gmemctl(&["--postcopy-preempt", "on", "--connect-uri", "fd:migration"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--postcopy-preempt on: fd:migration opens a single connection"), "{stderr}");
+    let status = query_migrate(pair.dst.qmp(), Side::Destination).expect("query").status();
+    assert_eq!(status, MigrationStatus::None, "the destination was prepared anyway");
+    pair.dst.disconnect();
+
+    let output = gmemctl(&["--postcopy-preempt", "off"]);
+    let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "{stderr}");
+    assert!(stdout.lines().any(|l| l.starts_with("postcopy-preempt") && l.contains("off")), "{stdout}");
+    pair.assert_guest_moved();
 }
 
 #[test]

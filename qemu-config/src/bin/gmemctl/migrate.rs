@@ -7,9 +7,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use gmem_protocol::{parse_size, ControlClient};
-use gmem_qemu::migration::{query_migrate, Side, DEFAULT_MIGRATION_TIMEOUT};
+use gmem_qemu::migration::{postcopy_preempt_unavailable, query_migrate, Side, DEFAULT_MIGRATION_TIMEOUT};
 use gmem_qemu::{
     prepare_destination, Endpoint, Migration, MigrationError, MigrationOptions, MigrationStatus, QmpClient,
     SwitchToPostcopy,
@@ -26,8 +26,10 @@ devices as the source, attached to its own gmemd, and with `-incoming defer`
 gmemctl can set its capabilities before it listens.
 
 gmemctl then:
-  1. destination: migrate-set-capabilities (postcopy-ram and postcopy-blocktime
-     with --postcopy), migrate-incoming --uri;
+  0. with --postcopy: asks both QEMUs whether they have postcopy-preempt
+     (query-migrate-capabilities) and looks at the URIs;
+  1. destination: migrate-set-capabilities (postcopy-ram, postcopy-preempt and
+     postcopy-blocktime with --postcopy), migrate-incoming --uri;
   2. source: migrate-set-capabilities, migrate-set-parameters (bandwidth,
      downtime limit), migrate --connect-uri (default: --uri);
   3. polls query-migrate every 100 ms, draws progress on stderr, sends
@@ -39,11 +41,34 @@ Precopy copies RAM while the guest runs on the source, then stops it briefly
 to send the rest. With --postcopy the guest moves to the destination after
 the first full pass (or after --postcopy-after) and pages it still lacks are
 fetched from the source on demand: the destination gmemd's device faults on
-them too (it needs userfaultfd, i.e. root). A postcopy migration cannot be
-cancelled; if its connection breaks it pauses (the guest waits for missing
-pages), and `gmemctl migrate --resume` with the same arguments recovers it,
-best with a new port in --uri: a destination whose main loop waits on a page
-may still hold the first one (migrate-recover is sent out of band for it).
+them too (it needs userfaultfd, i.e. root).
+
+QEMU's postcopy-preempt capability sends the pages the destination asks for
+on a connection of their own, instead of queueing them behind the pages the
+source streams in the background: a vCPU or the device then waits for its
+page, not for the stream. It needs the capability in both QEMUs (7.1 and
+later) and URIs that can open a second connection (tcp:, unix:, vsock:; not
+fd: or exec:), and QEMU needs it set on both sides before the destination
+listens, so a --resume keeps what the migration started with.
+
+But QEMU (10.0.2 and 11.1.3 at least) never completes a postcopy-preempt
+migration once a vhost-user backend on the destination, such as gmemd's
+disk, has faulted on a missing page: it files the backend's page requests
+in a way it never marks as served, and waits for them at the end. The guest
+runs on the destination, the source stays postcopy-active. So
+--postcopy-preempt auto (the default) uses it where both QEMUs and the URIs
+allow it and the destination has no vhost-user device, and otherwise says
+why not; `on` uses it anyway where QEMU accepts it (gmemctl then gives up
+10 s after the source has sent all RAM, with the guest running on the
+destination); `off` never does. The summary and the JSON's postcopy_preempt
+say whether it was used.
+
+A postcopy migration cannot be cancelled; if its connection breaks it pauses
+(the guest waits for missing pages), and `gmemctl migrate --resume` with the
+same arguments recovers it, best with a new port in --uri: a destination
+whose main loop waits on a page may still hold the first one
+(migrate-recover is sent out of band for it). With postcopy-preempt both
+connections are opened anew there.
 
 QEMU's QMP sockets serve one client at a time: nothing else may hold them.";
 
@@ -83,6 +108,12 @@ pub struct MigrateArgs {
     /// Switch to postcopy this many seconds after the start (implies --postcopy).
     #[arg(long, value_name = "SECONDS")]
     postcopy_after: Option<Seconds>,
+    /// In postcopy, send requested pages on a connection of their own
+    /// (QEMU's postcopy-preempt): auto where both QEMUs and the URIs allow
+    /// it and the destination has no vhost-user device (QEMU hangs at the
+    /// end otherwise), on wherever QEMU accepts it, or off.
+    #[arg(long, value_enum, value_name = "WHEN", default_value_t = Preempt::Auto)]
+    postcopy_preempt: Preempt,
     /// Precopy bandwidth cap in bytes/s, with K, M, G suffixes (powers of
     /// 1024), e.g. 100M [default: QEMU's, 128M unless changed].
     #[arg(long, value_name = "BYTES_PER_SEC", value_parser = parse_size)]
@@ -125,6 +156,17 @@ impl MigrateArgs {
         options.timeout = self.timeout.0;
         options
     }
+}
+
+/// When `gmemctl migrate` runs postcopy with QEMU's postcopy-preempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Preempt {
+    /// Where it works.
+    Auto,
+    /// Wherever QEMU accepts it.
+    On,
+    /// Never.
+    Off,
 }
 
 /// `qmp=PATH[,control=PATH]`, or a bare QMP socket path.
@@ -181,7 +223,7 @@ impl Connected {
 }
 
 pub fn run(args: &MigrateArgs) -> Result<()> {
-    let options = args.options();
+    let mut options = args.options();
     let mut src = Connected::open(&args.from, Side::Source)?;
     let mut dst = Connected::open(&args.to, Side::Destination)?;
     let mut migration = if args.resume {
@@ -189,6 +231,7 @@ pub fn run(args: &MigrateArgs) -> Result<()> {
     } else {
         if options.postcopy.is_some() {
             destination_serves_postcopy(&mut dst)?;
+            options.postcopy_preempt = use_preempt(args.postcopy_preempt, &mut src, &mut dst, &options)?;
         }
         prepare_destination(&mut dst.qmp, &options)?;
         Migration::start(&mut src.qmp, &options)?
@@ -237,6 +280,27 @@ fn destination_serves_postcopy(dst: &mut Connected) -> Result<()> {
             "the destination gmemd cannot serve postcopy: {why}; migrate without --postcopy, or restart it with that privilege"
         )),
         None => Ok(()),
+    }
+}
+
+/// Whether to run postcopy with postcopy-preempt, as `when` says; tells
+/// why not, or why it may not end well.
+fn use_preempt(when: Preempt, src: &mut Connected, dst: &mut Connected, options: &MigrationOptions) -> Result<bool> {
+    if when == Preempt::Off {
+        return Ok(false);
+    }
+    let why_not = postcopy_preempt_unavailable(&mut src.qmp, &mut dst.qmp, options)?;
+    match (when, why_not) {
+        (_, None) => Ok(true),
+        (Preempt::On, Some(why)) if !why.qemu_refuses() => {
+            log::warn!("postcopy-preempt on as asked, though {why}");
+            Ok(true)
+        }
+        (Preempt::On, Some(why)) => Err(anyhow!("--postcopy-preempt on: {why}")),
+        (_, Some(why)) => {
+            log::warn!("postcopy without postcopy-preempt (requested pages queue behind the background stream): {why}");
+            Ok(false)
+        }
     }
 }
 

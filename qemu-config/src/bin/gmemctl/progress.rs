@@ -117,6 +117,12 @@ pub fn summary(report: &MigrationReport) -> String {
         ),
     ];
     if report.postcopy {
+        let preempt = if report.postcopy_preempt {
+            "on: requested pages had a connection of their own"
+        } else {
+            "off: requested pages queued behind the background stream"
+        };
+        lines.push(("postcopy-preempt", preempt.to_string()));
         lines.push(("postcopy requests", ram.postcopy_requests.to_string()));
     }
     if let Some(total) = report.postcopy_blocktime_ms {
