@@ -13,10 +13,13 @@
 //!   (e.g. tcp)";
 //! - if only the source has it, the destination ignores the second
 //!   connection ("Extra incoming migration connection; ignoring"), and the
-//!   pages the source sends there never arrive; if only the destination has
-//!   it, the destination waits for a channel that never comes, with the
-//!   guest stopped on the source: postcopy stays `postcopy-active` and the
-//!   guest runs nowhere. So both sides get the same setting, or neither;
+//!   pages the source sends there never arrive: with a guest, the first
+//!   requested page (a vCPU's) never came, the guest never ran on the
+//!   destination, and its QMP stopped answering (the vCPU waits holding
+//!   QEMU's lock); if only the destination has it, the destination waits
+//!   for a channel that never comes, with the guest stopped on the source:
+//!   postcopy stays `postcopy-active` and the guest runs nowhere. So both
+//!   sides get the same setting, or neither;
 //! - with a vhost-user device whose backend faults on missing pages (gmemd),
 //!   the migration never completes: QEMU files the backend's page requests
 //!   under the backend's address and looks them up under its own when the
