@@ -52,6 +52,10 @@ pub struct VmOptions {
     /// Ready for [`Vm::live_update`]: `aux-ram-share=on`, and the downtime
     /// trace in QEMU's log.
     pub cpr: bool,
+    /// Further QEMU arguments, e.g. `-no-shutdown`, or `-trace EVENT` to
+    /// log a trace event in [`Vm::qemu_log`] (each line
+    /// `tid@seconds.micros:event args`).
+    pub qemu_args: Vec<String>,
 }
 
 impl VmOptions {
@@ -68,6 +72,7 @@ impl VmOptions {
             qemu: None,
             machine_type: None,
             cpr: false,
+            qemu_args: Vec::new(),
         }
     }
 
@@ -154,7 +159,7 @@ impl Vm {
         if let Some(machine_type) = &options.machine_type {
             command = command.machine_type(machine_type);
         }
-        Ok(command)
+        Ok(command.extra_args(options.qemu_args.iter().cloned()))
     }
 
     /// Moves the guest to a new QEMU (`mode`), its command line regenerated
