@@ -12,8 +12,11 @@ use super::run::{Migrated, RESUME_TIMEOUT};
 /// progress-line times are the host's (see `gmem_tests::console`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct RunFigures {
-    /// The source QEMU's `total-time`, ms.
-    pub total_time_ms: f64,
+    /// Whether QEMU completed the migration (postcopy-preempt with gmemd:
+    /// never; see docs/migration.md).
+    pub completed: bool,
+    /// The source QEMU's `total-time`, ms, when it completed.
+    pub total_time_ms: Option<f64>,
     /// Host time from `migrate` to the guest's first progress line on the
     /// destination, ms: when the guest demonstrably ran (and did I/O) there.
     pub to_destination_ms: f64,
@@ -88,7 +91,8 @@ impl RunFigures {
         let requests = postcopy.map(|r| r.ram.postcopy_requests as f64);
         let blocktime = postcopy.and_then(|r| r.postcopy_blocktime_ms).map(|b| b as f64);
         Ok(RunFigures {
-            total_time_ms: report.total_time_ms as f64,
+            completed: migrated.completed,
+            total_time_ms: migrated.completed.then_some(report.total_time_ms as f64),
             to_destination_ms: ms(first_there.at.saturating_duration_since(migrated.started)),
             downtime_ms: report.downtime_ms as f64,
             stall_ms: ms(gap.duration()),
@@ -112,9 +116,13 @@ impl RunFigures {
 
     /// The headline figures on one line.
     pub fn one_line(&self) -> String {
+        let total = match self.total_time_ms {
+            Some(ms) => format!("total {ms:.0} ms"),
+            None => "QEMU never completed".to_string(),
+        };
         let mut line = format!(
-            "total {:.0} ms, to destination {:.0} ms, downtime {:.0} ms, stall {:.1} ms (lines every {:.2} ms)",
-            self.total_time_ms, self.to_destination_ms, self.downtime_ms, self.stall_ms, self.line_interval_ms
+            "{total}, to destination {:.0} ms, downtime {:.0} ms, stall {:.1} ms (lines every {:.2} ms)",
+            self.to_destination_ms, self.downtime_ms, self.stall_ms, self.line_interval_ms
         );
         if let Some(gap) = self.device_io_gap_ms {
             line.push_str(&format!(", device I/O gap {gap:.1} ms"));

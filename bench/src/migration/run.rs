@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use gmem_protocol::MigrationInfo;
-use gmem_qemu::migration::{prepare_destination, Endpoint, Migration, MigrationOptions as Plan, MigrationReport};
+use gmem_qemu::migration::{
+    prepare_destination, Endpoint, Migration, MigrationError, MigrationOptions as Plan, MigrationReport,
+};
 use gmem_tests::console::{ProgressGap, ProgressStamp};
 use gmem_tests::seqio::PROGRESS_KEY;
 use gmem_tests::{ProgressClock, ProgressTimeline};
@@ -24,8 +26,12 @@ pub const RESUME_TIMEOUT: Duration = Duration::from_secs(10);
 /// A migration as the host saw it.
 #[derive(Debug)]
 pub struct Migrated {
-    /// `Migration::wait`'s report, or why it failed.
+    /// `Migration::wait`'s report, or why it failed. A postcopy-preempt
+    /// migration that QEMU never completes has the report as it stood when
+    /// the driver gave up on it (`MigrationError::PostcopyPreemptStuck`).
     pub report: Result<MigrationReport>,
+    /// Whether QEMU completed the migration.
+    pub completed: bool,
     /// Every progress line of the guest, on either side, host-timestamped.
     pub timeline: ProgressTimeline,
     /// When `migrate` was sent.
@@ -82,17 +88,20 @@ pub fn migrate(bed: &mut dyn Testbed, plan: &Plan, start_at: u64, linger: Durati
     let mut gmemd = bed.gmemd()?;
     prepare_destination(&mut dst_qmp, plan).context("preparing the destination")?;
     let started = Instant::now();
-    let report = Migration::start(&mut src_qmp, plan)
-        .and_then(|mut migration| {
-            let mut source = Endpoint::new(&mut src_qmp);
-            let mut destination = Endpoint::new(&mut dst_qmp);
-            if let Some((src_ctl, dst_ctl)) = gmemd.as_mut() {
-                source = source.with_gmemd(src_ctl);
-                destination = destination.with_gmemd(dst_ctl);
-            }
-            migration.wait(source, destination, |_| {})
-        })
-        .map_err(anyhow::Error::from);
+    let outcome = Migration::start(&mut src_qmp, plan).and_then(|mut migration| {
+        let mut source = Endpoint::new(&mut src_qmp);
+        let mut destination = Endpoint::new(&mut dst_qmp);
+        if let Some((src_ctl, dst_ctl)) = gmemd.as_mut() {
+            source = source.with_gmemd(src_ctl);
+            destination = destination.with_gmemd(dst_ctl);
+        }
+        migration.wait(source, destination, |_| {})
+    });
+    let (report, completed) = match outcome {
+        Ok(report) => (Ok(report), true),
+        Err(MigrationError::PostcopyPreemptStuck { report, .. }) => (Ok(*report), false),
+        Err(error) => (Err(error.into()), false),
+    };
     let finished = Instant::now();
     clock.wait_for(RESUME_TIMEOUT, |stamp| stamp.at > finished + linger);
     let gmemd_after = match gmemd.as_mut() {
@@ -100,5 +109,5 @@ pub fn migrate(bed: &mut dyn Testbed, plan: &Plan, start_at: u64, linger: Durati
         None => None,
     };
     let timeline = clock.stop()?;
-    Ok(Migrated { report, timeline, started, finished, watched_until: Instant::now(), gmemd_after })
+    Ok(Migrated { report, completed, timeline, started, finished, watched_until: Instant::now(), gmemd_after })
 }

@@ -41,6 +41,12 @@ pub enum Scenario {
     PostcopyGmemdDirect,
     /// Postcopy, gmemd, delayed link.
     PostcopyGmemdDelayed,
+    /// Postcopy with QEMU's postcopy-preempt (requested pages on a
+    /// connection of their own), gmemd, direct link.
+    PostcopyPreemptGmemdDirect,
+    /// Postcopy with postcopy-preempt, gmemd, delayed link (the relay
+    /// carries both connections).
+    PostcopyPreemptGmemdDelayed,
     /// Postcopy, qemu-storage-daemon, direct link: run once, to record what
     /// happens (its destination cannot take part in postcopy).
     PostcopyQsd,
@@ -48,13 +54,15 @@ pub enum Scenario {
 
 impl Scenario {
     /// Every scenario, in the order a round runs them.
-    pub const ALL: [Scenario; 7] = [
+    pub const ALL: [Scenario; 9] = [
         Scenario::PrecopyGmemdDirect,
         Scenario::PrecopyQsdDirect,
         Scenario::PrecopyGmemdDelayed,
         Scenario::PrecopyQsdDelayed,
         Scenario::PostcopyGmemdDirect,
+        Scenario::PostcopyPreemptGmemdDirect,
         Scenario::PostcopyGmemdDelayed,
+        Scenario::PostcopyPreemptGmemdDelayed,
         Scenario::PostcopyQsd,
     ];
 
@@ -67,6 +75,8 @@ impl Scenario {
             Scenario::PrecopyQsdDelayed => "precopy-qsd-delayed",
             Scenario::PostcopyGmemdDirect => "postcopy-gmemd-direct",
             Scenario::PostcopyGmemdDelayed => "postcopy-gmemd-delayed",
+            Scenario::PostcopyPreemptGmemdDirect => "postcopy-preempt-gmemd-direct",
+            Scenario::PostcopyPreemptGmemdDelayed => "postcopy-preempt-gmemd-delayed",
             Scenario::PostcopyQsd => "postcopy-qsd",
         }
     }
@@ -81,12 +91,30 @@ impl Scenario {
 
     /// Whether it switches to postcopy.
     pub fn postcopy(self) -> bool {
-        matches!(self, Scenario::PostcopyGmemdDirect | Scenario::PostcopyGmemdDelayed | Scenario::PostcopyQsd)
+        matches!(
+            self,
+            Scenario::PostcopyGmemdDirect
+                | Scenario::PostcopyGmemdDelayed
+                | Scenario::PostcopyPreemptGmemdDirect
+                | Scenario::PostcopyPreemptGmemdDelayed
+                | Scenario::PostcopyQsd
+        )
+    }
+
+    /// Whether postcopy runs with postcopy-preempt.
+    pub fn preempt(self) -> bool {
+        matches!(self, Scenario::PostcopyPreemptGmemdDirect | Scenario::PostcopyPreemptGmemdDelayed)
     }
 
     /// Whether the stream goes through the delaying relay.
     pub fn delayed(self) -> bool {
-        matches!(self, Scenario::PrecopyGmemdDelayed | Scenario::PrecopyQsdDelayed | Scenario::PostcopyGmemdDelayed)
+        matches!(
+            self,
+            Scenario::PrecopyGmemdDelayed
+                | Scenario::PrecopyQsdDelayed
+                | Scenario::PostcopyGmemdDelayed
+                | Scenario::PostcopyPreemptGmemdDelayed
+        )
     }
 
     /// Whether it yields figures (measured `--runs` times); the one that
@@ -99,7 +127,9 @@ impl Scenario {
     /// keeps QEMU's defaults (max-bandwidth 128 MiB/s, downtime-limit
     /// 300 ms). Postcopy caps precopy at --postcopy-precopy-mib-s, switches
     /// after --switch-after-ms and leaves max-postcopy-bandwidth at QEMU's
-    /// default, unlimited.
+    /// default, unlimited, unless --postcopy-mib-s; the preempt scenarios turn postcopy-preempt on
+    /// as `gmemctl migrate --postcopy-preempt on` does (QEMU accepts it; it
+    /// never completes the migration once gmemd's device faulted).
     pub fn plan(self, settings: &Settings, dst_addr: Ipv4Addr, relay: Option<&DelayRelay>) -> Plan {
         let mut plan = Plan::new(format!("tcp:{dst_addr}:{PORT}"));
         if let Some(relay) = relay {
@@ -109,6 +139,8 @@ impl Scenario {
         if self.postcopy() {
             plan.max_bandwidth = Some(settings.postcopy_precopy_mib_s << 20);
             plan.postcopy = Some(SwitchToPostcopy::After(Duration::from_millis(settings.switch_after_ms)));
+            plan.postcopy_preempt = self.preempt();
+            plan.max_postcopy_bandwidth = settings.postcopy_mib_s.map(|mib| mib << 20);
         }
         plan
     }
@@ -133,5 +165,7 @@ mod tests {
         assert!(Scenario::PostcopyQsd.postcopy() && !Scenario::PostcopyQsd.delayed());
         assert_eq!(Scenario::PrecopyQsdDelayed.backend(), Backend::Qsd);
         assert_eq!(Scenario::PostcopyGmemdDelayed.backend(), Backend::Gmemd);
+        assert!(Scenario::PostcopyPreemptGmemdDelayed.preempt() && Scenario::PostcopyPreemptGmemdDelayed.delayed());
+        assert!(Scenario::ALL.iter().filter(|s| s.preempt()).all(|s| s.postcopy() && s.backend() == Backend::Gmemd));
     }
 }

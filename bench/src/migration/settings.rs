@@ -42,6 +42,11 @@ pub struct Settings {
     #[arg(long, value_name = "MIB_S", default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
     pub postcopy_precopy_mib_s: u64,
 
+    /// Postcopy: cap the pages streamed in the background after the switch
+    /// (max-postcopy-bandwidth), MiB/s [default: QEMU's, unlimited]
+    #[arg(long, value_name = "MIB_S", value_parser = clap::value_parser!(u64).range(1..))]
+    pub postcopy_mib_s: Option<u64>,
+
     /// Postcopy: send migrate-start-postcopy this long after migrate, ms.
     #[arg(long, value_name = "MS", default_value_t = 1500)]
     pub switch_after_ms: u64,
