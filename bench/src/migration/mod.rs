@@ -10,6 +10,7 @@ mod scenario;
 mod settings;
 mod summary;
 mod testbed;
+mod trace;
 
 use std::path::Path;
 use std::time::Duration;
@@ -31,6 +32,7 @@ use scenario::{Backend, Scenario, PORT};
 pub use settings::Settings;
 use summary::ScenarioSummary;
 use testbed::Testbed;
+use trace::FaultTrace;
 
 /// Live migration between two hosts, through gmemd and qemu-storage-daemon.
 ///
@@ -67,7 +69,8 @@ use testbed::Testbed;
 /// gmemd's device I/O gap at switchover; in postcopy, the destination
 /// gmemd's device faults and fault-to-wake latency (p50/p99/max), and QEMU's
 /// postcopy-blocktime and postcopy-requests from the same run (QEMU 10.0 has
-/// no per-request latency distribution).
+/// no per-request latency distribution). --trace-faults follows each page
+/// request through both QEMUs' trace events instead.
 ///
 /// The summary gives, per scenario, each figure's median and min-max; the
 /// JSON result has every run with QEMU's and gmemd's full reports.
@@ -94,6 +97,7 @@ pub struct Args {
 
 const EXAMPLES: &str = "Examples:
   cargo run --release -p gmem-bench -- migration
+  cargo run --release -p gmem-bench -- migration --runs 1 --trace-faults --scenario postcopy-preempt-gmemd-direct
   cargo run --release -p gmem-bench -- migration --runs 1 --scenario postcopy-gmemd-direct,postcopy-gmemd-delayed
   cargo run --release -p gmem-bench -- migration --gmemd-only --link-rate 1gbit";
 
@@ -109,6 +113,8 @@ struct RunRecord {
     report: gmem_qemu::MigrationReport,
     /// Both gmemds' `query-migration` once the guest ran on the destination.
     gmemd_after: Option<(MigrationInfo, MigrationInfo)>,
+    /// With --trace-faults: where the page requests' time went.
+    fault_trace: Option<FaultTrace>,
 }
 
 #[derive(Debug, Serialize)]
@@ -159,6 +165,9 @@ pub fn run(args: Args) -> Result<()> {
             let (record, commands) = measure(scenario, &settings, &image, &args.backends.qsd, round)
                 .with_context(|| format!("{} run {round} of {}", scenario.name(), args.runs))?;
             println!("[{} {round}/{}] {}", scenario.name(), args.runs, record.figures.one_line());
+            if let Some(trace) = &record.fault_trace {
+                println!("{}", trace.describe());
+            }
             if qsd_commands.is_empty() {
                 qsd_commands = commands;
             }
@@ -232,6 +241,9 @@ fn testbed(
             for (key, value) in params {
                 vm = vm.param(key, value);
             }
+            if settings.trace_faults && scenario.postcopy() {
+                vm.qemu_args = trace::qemu_args();
+            }
             let options = MigrationOptions {
                 gmemd: GmemdOptions {
                     memory: format!("{}M", settings.memory_mib),
@@ -276,6 +288,10 @@ fn measure(
         Err(e) => anyhow::bail!("the migration failed: {e:#}; {}", bed.diagnostics()),
     };
     let figures = RunFigures::new(&report, &migrated, settings.blocks).with_context(|| bed.diagnostics())?;
+    let fault_trace = (settings.trace_faults && scenario.postcopy()).then(|| {
+        let (source_log, destination_log) = bed.qemu_logs();
+        FaultTrace::from_logs(&source_log, &destination_log)
+    });
     let record = RunRecord {
         scenario,
         round,
@@ -283,6 +299,7 @@ fn measure(
         longest_gaps: figures::longest_gaps(&migrated, 5),
         report,
         gmemd_after: migrated.gmemd_after,
+        fault_trace,
     };
     Ok((record, commands))
 }

@@ -147,4 +147,8 @@ impl Testbed for QsdPair {
             read(&dst.daemon_log)
         )
     }
+
+    fn qemu_logs(&self) -> (String, String) {
+        (read(&self.source.qemu_log), read(&self.dest.qemu_log))
+    }
 }

@@ -55,6 +55,14 @@ pub struct Settings {
     #[arg(long, value_name = "MIB", default_value_t = 2048, value_parser = clap::value_parser!(u64).range(64..))]
     pub memory_mib: u64,
 
+    /// Also follow every postcopy page request through both QEMUs' trace
+    /// events (gmemd scenarios): how long it took to reach the source, to
+    /// leave it, and to be placed. Tracing costs QEMU time on every
+    /// request, so such runs are for finding where the time goes, not for
+    /// the headline figures.
+    #[arg(long)]
+    pub trace_faults: bool,
+
     /// Limit for one migration, seconds.
     #[arg(long, value_name = "SECS", default_value_t = 120)]
     pub timeout_secs: u64,

@@ -27,6 +27,9 @@ pub trait Testbed {
 
     /// Consoles and logs, for an error message.
     fn diagnostics(&self) -> String;
+
+    /// What the source and the destination QEMU wrote on stderr so far.
+    fn qemu_logs(&self) -> (String, String);
 }
 
 impl Testbed for MigrationPair {
@@ -55,5 +58,9 @@ impl Testbed for MigrationPair {
             self.source.log(),
             self.dest.log()
         )
+    }
+
+    fn qemu_logs(&self) -> (String, String) {
+        (self.source_vm.qemu_log(), self.dest_vm.qemu_log())
     }
 }
