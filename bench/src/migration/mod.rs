@@ -3,6 +3,7 @@
 //! guest's console.
 
 mod figures;
+mod nodelay;
 mod qsd_pair;
 mod qsd_postcopy;
 mod run;
@@ -115,6 +116,9 @@ struct RunRecord {
     gmemd_after: Option<(MigrationInfo, MigrationInfo)>,
     /// With --trace-faults: where the page requests' time went.
     fault_trace: Option<FaultTrace>,
+    /// With --qemu-nodelay: on how many of the source's and destination's
+    /// QEMU migration connections TCP_NODELAY was set.
+    nodelay_sockets: Option<(usize, usize)>,
 }
 
 #[derive(Debug, Serialize)]
@@ -282,7 +286,7 @@ fn measure(
     let (mut bed, commands) = testbed(scenario, settings, image, qsd, u64::from(round))?;
     let relay = link(bed.as_ref(), scenario, settings)?;
     let plan = scenario.plan(settings, bed.hosts().dst_addr(), relay.as_ref());
-    let migrated = run::migrate(bed.as_mut(), &plan, settings.start_at, Duration::ZERO)?;
+    let migrated = run::migrate(bed.as_mut(), &plan, settings.start_at, Duration::ZERO, settings.qemu_nodelay)?;
     let report = match &migrated.report {
         Ok(report) => report.clone(),
         Err(e) => anyhow::bail!("the migration failed: {e:#}; {}", bed.diagnostics()),
@@ -300,6 +304,7 @@ fn measure(
         report,
         gmemd_after: migrated.gmemd_after,
         fault_trace,
+        nodelay_sockets: migrated.nodelay_sockets,
     };
     Ok((record, commands))
 }
@@ -314,6 +319,6 @@ fn qsd_postcopy(settings: &Settings, image: &GuestImage, qsd: &Path) -> Result<Q
     let mut pair = QsdPair::start(settings, image, qsd, 1)?;
     let relay = link(&pair, scenario, settings)?;
     let plan = scenario.plan(settings, pair.hosts().dst_addr(), relay.as_ref());
-    let migrated = run::migrate(&mut pair, &plan, settings.start_at, QSD_POSTCOPY_WATCH)?;
+    let migrated = run::migrate(&mut pair, &plan, settings.start_at, QSD_POSTCOPY_WATCH, false)?;
     Ok(QsdPostcopy::record(&mut pair, &migrated))
 }

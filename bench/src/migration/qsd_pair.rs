@@ -151,4 +151,8 @@ impl Testbed for QsdPair {
     fn qemu_logs(&self) -> (String, String) {
         (read(&self.source.qemu_log), read(&self.dest.qemu_log))
     }
+
+    fn qemu_pids(&self) -> (u32, u32) {
+        (self.source.qemu.id(), self.dest.qemu.id())
+    }
 }

@@ -63,6 +63,13 @@ pub struct Settings {
     #[arg(long)]
     pub trace_faults: bool,
 
+    /// Set TCP_NODELAY on both QEMUs' migration connections once they are
+    /// up (taken from the running QEMUs with pidfd_getfd): an experiment
+    /// to see what Nagle's algorithm costs page requests, since QEMU sets
+    /// it on multifd connections only.
+    #[arg(long)]
+    pub qemu_nodelay: bool,
+
     /// Limit for one migration, seconds.
     #[arg(long, value_name = "SECS", default_value_t = 120)]
     pub timeout_secs: u64,

@@ -30,6 +30,9 @@ pub trait Testbed {
 
     /// What the source and the destination QEMU wrote on stderr so far.
     fn qemu_logs(&self) -> (String, String);
+
+    /// The source's and the destination QEMU's pids.
+    fn qemu_pids(&self) -> (u32, u32);
 }
 
 impl Testbed for MigrationPair {
@@ -62,5 +65,9 @@ impl Testbed for MigrationPair {
 
     fn qemu_logs(&self) -> (String, String) {
         (self.source_vm.qemu_log(), self.dest_vm.qemu_log())
+    }
+
+    fn qemu_pids(&self) -> (u32, u32) {
+        (self.source_vm.pid(), self.dest_vm.pid())
     }
 }
