@@ -26,6 +26,10 @@ pub enum MigrationStatus {
     /// Postcopy: the guest runs on the destination, which fetches the
     /// pages it misses from the source.
     PostcopyActive,
+    /// The switch to postcopy, while the destination still loads the
+    /// device state and does not run the guest yet; a failure now resumes
+    /// the guest on the source (QEMU 10.2 and later; 11.1.3 reports it).
+    PostcopyDevice,
     /// Postcopy with the connection lost or `migrate-pause`d: the guest
     /// runs on the destination but waits for every page still missing.
     PostcopyPaused,
@@ -61,6 +65,7 @@ impl MigrationStatus {
             MigrationStatus::Cancelled => "cancelled",
             MigrationStatus::Active => "active",
             MigrationStatus::PostcopyActive => "postcopy-active",
+            MigrationStatus::PostcopyDevice => "postcopy-device",
             MigrationStatus::PostcopyPaused => "postcopy-paused",
             MigrationStatus::PostcopyRecoverSetup => "postcopy-recover-setup",
             MigrationStatus::PostcopyRecover => "postcopy-recover",

@@ -102,6 +102,7 @@ fn statuses_round_trip_through_their_qemu_names() {
     for status in [
         MigrationStatus::Setup,
         MigrationStatus::PostcopyActive,
+        MigrationStatus::PostcopyDevice,
         MigrationStatus::PostcopyRecoverSetup,
         MigrationStatus::PreSwitchover,
         MigrationStatus::WaitUnplug,
