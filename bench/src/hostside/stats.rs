@@ -7,7 +7,7 @@ use serde::Serialize;
 use super::load::QueueResult;
 use super::plan::{Backend, Case};
 use super::sys::ProcessMemory;
-use crate::figures::Stats;
+use crate::figures::{percentile, Stats};
 
 /// What one timed run measured.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -40,15 +40,6 @@ pub struct Measurement {
     /// The backend's memory right after the timed phase, its queues still
     /// running; `None` for the raw ceiling.
     pub backend_memory: Option<ProcessMemory>,
-}
-
-/// The `q`-quantile (0..=1) of sorted values, nearest rank.
-pub fn percentile(sorted: &[u64], q: f64) -> Option<u64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let rank = (q * sorted.len() as f64).ceil() as usize;
-    sorted.get(rank.clamp(1, sorted.len()) - 1).copied()
 }
 
 impl Measurement {
@@ -288,16 +279,6 @@ mod tests {
             elapsed: Duration::from_millis(ms),
             latencies_ns: (0..ios).map(|i| (latency_us + i % 3) * 1000).collect(),
         }
-    }
-
-    #[test]
-    fn percentiles_nearest_rank() {
-        let v: Vec<u64> = (1..=100).collect();
-        assert_eq!(percentile(&v, 0.5), Some(50));
-        assert_eq!(percentile(&v, 0.99), Some(99));
-        assert_eq!(percentile(&v, 1.0), Some(100));
-        assert_eq!(percentile(&v, 0.0), Some(1));
-        assert_eq!(percentile(&[], 0.5), None);
     }
 
     #[test]

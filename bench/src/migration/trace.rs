@@ -25,6 +25,8 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
+use crate::figures::percentile;
+
 /// Target page size of x86: QEMU traces preempt sends in pages of it.
 const TARGET_PAGE_BYTES: u64 = 4096;
 
@@ -56,12 +58,6 @@ pub struct Leg {
     pub p50_us: u64,
     pub p99_us: u64,
     pub max_us: u64,
-}
-
-/// The `q`-quantile (0..=1) of sorted values, nearest rank.
-fn percentile(sorted: &[u64], q: f64) -> Option<u64> {
-    let rank = (q * sorted.len() as f64).ceil() as usize;
-    sorted.get(rank.clamp(1, sorted.len().max(1)) - 1).copied()
 }
 
 impl Leg {
