@@ -149,6 +149,15 @@ impl Pair {
         options
     }
 
+    /// Postcopy after half a second of precopy at 4 MiB/s, which cannot
+    /// send the 32 MiB pattern in that time.
+    fn throttled_postcopy_options(&self) -> MigrationOptions {
+        let mut options = self.options();
+        options.max_bandwidth = Some(4 * MIB);
+        options.postcopy = Some(SwitchToPostcopy::After(Duration::from_millis(500)));
+        options
+    }
+
     fn wait_result(
         &mut self,
         migration: &mut Migration,
@@ -215,10 +224,7 @@ fn postcopy_finishes_what_a_throttled_precopy_started() {
     need_qemu();
     let started = Instant::now();
     let mut pair = Pair::start();
-    let mut options = pair.options();
-    // 4 MiB/s cannot send the 32 MiB pattern in half a second.
-    options.max_bandwidth = Some(4 * MIB);
-    options.postcopy = Some(SwitchToPostcopy::After(Duration::from_millis(500)));
+    let options = pair.throttled_postcopy_options();
     prepare_destination(pair.dst.qmp(), &options).expect("prepare destination");
     let mut migration = Migration::start(pair.src.qmp(), &options).expect("start");
     let (report, seen) = pair.wait(&mut migration);
@@ -242,9 +248,7 @@ fn postcopy_preempt_sends_requested_pages_on_their_own_connection() {
     need_qemu();
     let started = Instant::now();
     let mut pair = Pair::start();
-    let mut options = pair.options();
-    options.max_bandwidth = Some(4 * MIB);
-    options.postcopy = Some(SwitchToPostcopy::After(Duration::from_millis(500)));
+    let mut options = pair.throttled_postcopy_options();
     options.postcopy_preempt = true;
     let unavailable = postcopy_preempt_unavailable(pair.src.qmp(), pair.dst.qmp(), &options).expect("probe");
     assert_eq!(unavailable, None, "guestless QEMUs without vhost-user devices");
