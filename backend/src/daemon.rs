@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use gmem_attributes::guest_memfd::GuestMemfdSupport;
@@ -284,8 +284,9 @@ pub struct Daemon {
     /// Why this gmemd cannot serve postcopy, found at start-up; `None` when
     /// it can.
     postcopy_unavailable: Option<String>,
-    /// What the kernel offers of guest_memfd, found at start-up.
-    pub guest_memfd: GuestMemfdSupport,
+    /// What the kernel offers of guest_memfd, probed when first asked: the
+    /// probe creates a VM, which must not lengthen an upgrade's pause.
+    guest_memfd: OnceLock<GuestMemfdSupport>,
     started: Instant,
     next_frontend: AtomicU64,
     frontends: Mutex<BTreeMap<u64, Arc<FrontendStatus>>>,
@@ -310,11 +311,9 @@ impl Daemon {
         pins: Pins,
     ) -> std::io::Result<Self> {
         let postcopy_unavailable = Self::probe_postcopy(&regions);
-        let guest_memfd = gmem_attributes::guest_memfd::probe();
-        log::debug!("guest_memfd: {}", guest_memfd.detail);
         Ok(Daemon {
             postcopy_unavailable,
-            guest_memfd,
+            guest_memfd: OnceLock::new(),
             regions,
             device: Arc::new(device),
             options,
@@ -371,6 +370,11 @@ impl Daemon {
         let error = Userfault::open(regions.hugetlb()).err()?.to_string();
         log::warn!("postcopy migration unavailable, so not offered to QEMU: {error}");
         Some(error)
+    }
+
+    /// What the kernel offers of guest_memfd.
+    pub fn guest_memfd(&self) -> &GuestMemfdSupport {
+        self.guest_memfd.get_or_init(gmem_attributes::guest_memfd::probe)
     }
 
     /// Milliseconds since start.

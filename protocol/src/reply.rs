@@ -139,7 +139,7 @@ pub struct StatusInfo {
     pub vhost_user_socket: String,
     /// vhost-user frontends connected now.
     pub frontends: Vec<FrontendInfo>,
-    /// What the kernel offers of guest_memfd (probed at start): whether
+    /// What the kernel offers of guest_memfd (probed when first asked): whether
     /// in-place conversion, whose contract `set-memory-attributes` keeps,
     /// could back guest RAM here.
     #[serde(default)]

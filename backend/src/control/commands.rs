@@ -134,7 +134,7 @@ fn status(daemon: &Daemon) -> StatusInfo {
         uptime_ms: daemon.uptime_ms(),
         vhost_user_socket: daemon.options.vhost_socket.display().to_string(),
         frontends: daemon.frontend_infos(),
-        guest_memfd: daemon.guest_memfd.clone(),
+        guest_memfd: daemon.guest_memfd().clone(),
     }
 }
 
