@@ -96,8 +96,9 @@ pub struct Args {
     /// trades CPU for latency: a request the guest adds, or a completion,
     /// is seen at once instead of after a wake-up. The window adapts as in
     /// QEMU's iothreads (whose poll-max-ns defaults to 32 µs too): halved
-    /// after a poll that found nothing, doubled after a short sleep, so an
-    /// idle queue does not spin. 0 never polls.
+    /// when the next work came later than this, doubled (from 4 µs) when it
+    /// came sooner than this but after the window, so an idle queue does
+    /// not spin. 0 never polls.
     #[arg(long, value_name = "US", default_value_t = 32, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     pub poll_us: u32,
 

@@ -102,8 +102,8 @@ pub(super) struct QueueRun {
     pub completions: Vec<Completion>,
     /// References on guest RAM that keep what the worker touches shared.
     pub refs: Rc<RangeRefs>,
-    /// How long the next poll lasts: up to `--poll-us`, halved after a poll
-    /// that found nothing, doubled after a short sleep.
+    /// How long the next poll lasts: up to `--poll-us`, adapted to how long
+    /// the queue goes without work (see `adapt_poll`).
     pub poll_window: std::time::Duration,
 }
 
@@ -146,16 +146,16 @@ impl QueueRun {
             if pending && self.enabled.load(Ordering::Acquire) && !self.broken {
                 self.process();
             }
+            let idle_since = std::time::Instant::now();
             if self.poll() {
                 pending = true;
                 continue;
             }
-            let slept = std::time::Instant::now();
             match self.wait() {
                 Some(ready) => pending = ready,
                 None => break,
             }
-            self.adapt_poll(slept.elapsed());
+            self.adapt_poll(idle_since.elapsed());
         }
         self.drain();
         device_queue.release(self.ctx.owner);
@@ -195,17 +195,25 @@ impl QueueRun {
             }
             std::hint::spin_loop();
         }
-        // Nothing came within the window: poll less, as QEMU's iothreads do.
-        self.poll_window /= 2;
         false
     }
 
-    /// After a sleep of `slept`: work that came sooner than the longest
-    /// window would have been caught by polling, so the window grows back.
-    fn adapt_poll(&mut self, slept: std::time::Duration) {
-        if slept < self.ctx.poll {
-            let grown = (self.poll_window * 2).max(std::time::Duration::from_micros(1));
-            self.poll_window = grown.min(self.ctx.poll);
+    /// Adapts the poll window to `idle`, how long the worker went without
+    /// work (polling and sleeping), by the rules of QEMU's iothreads
+    /// (`adjust_polling_time`): work that came within the window needs no
+    /// change; work that came later than the longest window would have
+    /// been worth no poll, so the window halves; work that came sooner
+    /// would have been caught by a longer poll, so it doubles, from 4 µs.
+    fn adapt_poll(&mut self, idle: std::time::Duration) {
+        let longest = self.ctx.poll;
+        if idle > longest {
+            self.poll_window /= 2;
+            if self.poll_window < std::time::Duration::from_micros(1) {
+                self.poll_window = std::time::Duration::ZERO;
+            }
+        } else if idle > self.poll_window {
+            let grown = (self.poll_window * 2).max(std::time::Duration::from_micros(4));
+            self.poll_window = grown.min(longest);
         }
     }
 
