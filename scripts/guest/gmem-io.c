@@ -416,13 +416,17 @@ static uint64_t page_frame(const void *addr)
  * to write private memory) and "GMEMD-PROGRESS convert_ok=<n>" every 64
  * good reads. The page is filled with SEQIO_FILL before each read, so a
  * read that claims success but left the page alone is caught: every good
- * read must return the pattern exactly.
+ * read must return the pattern exactly, or zeroes: a conversion discards
+ * the page's content, and one that comes between a read's completion and
+ * its check leaves the page empty (counted apart; a host that converts a
+ * page the guest is using takes its content by contract).
  *
  * Ends once CONVERT_EIO_WANTED errors were followed by CONVERT_OK_AFTER
  * good reads (the host made the page shared again), or after
- * CONVERT_MAX_READS reads. Prints "GMEMD-RESULT convert_ok=N convert_eio=E
- * convert_bad=B" and returns 1 if a read returned wrong data, failed
- * otherwise than with EIO, or the errors and the recovery never came.
+ * CONVERT_MAX_READS reads. Prints "GMEMD-RESULT convert_ok=N
+ * convert_eio=E convert_zeroed=Z convert_bad=B" and returns 1 if a read
+ * returned wrong data, failed otherwise than with EIO, or the errors and
+ * the recovery never came.
  */
 static int convert(const char *dev, uint64_t seed, uint64_t pace_us)
 {
@@ -442,7 +446,8 @@ static int convert(const char *dev, uint64_t seed, uint64_t pace_us)
 	printf("GMEMD-PROGRESS convert_pfn=%llu\n", (unsigned long long)page_frame(page));
 	fflush(stdout);
 
-	uint64_t ok = 0, eio = 0, bad = 0, ok_since_eio = 0;
+	static const unsigned char zeroes[BLOCK];
+	uint64_t ok = 0, eio = 0, zeroed = 0, bad = 0, ok_since_eio = 0;
 	for (uint64_t n = 0; n < CONVERT_MAX_READS; n++) {
 		memset(page, SEQIO_FILL, BLOCK);
 		ssize_t got = pread(fd, page, BLOCK, 0);
@@ -452,8 +457,14 @@ static int convert(const char *dev, uint64_t seed, uint64_t pace_us)
 			printf("GMEMD-PROGRESS convert_eio=%llu\n", (unsigned long long)eio);
 			fflush(stdout);
 		} else if (got == (ssize_t)BLOCK) {
-			if (memcmp(page, expected, BLOCK))
-				bad++;
+			if (!memcmp(page, zeroes, BLOCK))
+				zeroed++;
+			else if (memcmp(page, expected, BLOCK) && !bad++)
+				fprintf(stderr, "gmem-io: convert: read %llu returned %02x%02x%02x%02x... "
+					"where the pattern has %02x%02x%02x%02x...\n", (unsigned long long)n,
+					page[0], page[1], page[2], page[3], ((unsigned char *)expected)[0],
+					((unsigned char *)expected)[1], ((unsigned char *)expected)[2],
+					((unsigned char *)expected)[3]);
 			ok++;
 			ok_since_eio++;
 			if (ok % 64 == 0) {
@@ -468,8 +479,8 @@ static int convert(const char *dev, uint64_t seed, uint64_t pace_us)
 		if (pace_us)
 			usleep((useconds_t)pace_us);
 	}
-	printf("GMEMD-RESULT convert_ok=%llu convert_eio=%llu convert_bad=%llu\n", (unsigned long long)ok,
-	       (unsigned long long)eio, (unsigned long long)bad);
+	printf("GMEMD-RESULT convert_ok=%llu convert_eio=%llu convert_zeroed=%llu convert_bad=%llu\n",
+	       (unsigned long long)ok, (unsigned long long)eio, (unsigned long long)zeroed, (unsigned long long)bad);
 	close(fd);
 	return bad || eio < CONVERT_EIO_WANTED || ok_since_eio < CONVERT_OK_AFTER;
 }

@@ -131,13 +131,18 @@ fn a_guest_buffer_turned_private_fails_its_reads_with_eio_and_nothing_is_corrupt
     let results = vm.wait_exit(BOOT_AND_RUN)?;
     let number = |key: &str| -> Result<u64> { Ok(results.get(key).context(key.to_owned())?.parse()?) };
     let (ok, eio, bad) = (number("convert_ok")?, number("convert_eio")?, number("convert_bad")?);
-    ensure!(bad == 0 && eio >= 3 && ok >= 256, "ok {ok}, eio {eio}, bad {bad}");
+    // A read that completed just before the conversion to private finds
+    // its page emptied by it before the guest looks: the contract (the
+    // content goes with the conversion), not a loss. The agent reads one
+    // block at a time, so that is one read at most.
+    let zeroed = number("convert_zeroed")?;
+    ensure!(bad == 0 && zeroed <= 1 && eio >= 3 && ok >= 256, "ok {ok}, eio {eio}, zeroed {zeroed}, bad {bad}");
     let mut block = vec![0u8; 4096];
     std::fs::File::open(&gmemd.disk)?.read_exact_at(&mut block, 0)?;
     ensure!(block == seqio::block(seed, 0), "block 0 on the host is not what the guest wrote");
     let device = gmemd.client()?.query_device()?;
     ensure!(device.errors >= eio, "the device counted {} errors for the guest's {eio} EIOs", device.errors);
     ensure!(!device.queues.iter().any(|q| q.broken), "a queue broke: {:?}", device.queues);
-    eprintln!("{eio} reads failed with EIO in {private_for:?} private, then {ok} good reads");
+    eprintln!("{eio} reads failed with EIO in {private_for:?} private, then {ok} good reads ({zeroed} found its page emptied)");
     Ok(())
 }
