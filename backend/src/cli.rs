@@ -177,16 +177,17 @@ impl Args {
 
     /// The regions to create: the --region list, or one `ram0` of --memory.
     pub fn region_specs(&self) -> Result<Vec<RegionSpec>, CliError> {
-        if self.region.is_empty() {
-            let (lock, owner) = (self.mlock, None);
-            return Ok(vec![RegionSpec { id: "ram0".into(), size: self.memory, backing: Backing::Memfd, lock, owner }]);
-        }
-        let mut ids: Vec<&str> = self.region.iter().map(|s| s.id.as_str()).collect();
-        ids.sort_unstable();
-        if let Some(pair) = ids.windows(2).find(|w| w[0] == w[1]) {
-            return Err(CliError::DuplicateRegion(pair[0].to_string()));
-        }
-        Ok(self.region.iter().map(|spec| RegionSpec { lock: spec.lock || self.mlock, ..spec.clone() }).collect())
+        let specs = if self.region.is_empty() {
+            vec![RegionSpec::memfd("ram0", self.memory)]
+        } else {
+            let mut ids: Vec<&str> = self.region.iter().map(|s| s.id.as_str()).collect();
+            ids.sort_unstable();
+            if let Some(pair) = ids.windows(2).find(|w| w[0] == w[1]) {
+                return Err(CliError::DuplicateRegion(pair[0].to_string()));
+            }
+            self.region.clone()
+        };
+        Ok(specs.into_iter().map(|spec| RegionSpec { lock: spec.lock || self.mlock, ..spec }).collect())
     }
 }
 

@@ -167,7 +167,7 @@ impl StateFile {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::{Backing, RegionSet, RegionSpec};
+    use crate::memory::{RegionSet, RegionSpec};
     use std::os::unix::fs::PermissionsExt;
 
     #[test]
@@ -175,14 +175,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let mut state = StateFile::new(dir.path().join("s.state"));
         assert!(state.load().expect("no file").is_none());
-        let regions = RegionSet::create(vec![RegionSpec {
-            id: "ram0".into(),
-            size: 1 << 20,
-            backing: Backing::Memfd,
-            lock: false,
-            owner: None,
-        }])
-        .expect("ram");
+        let regions = RegionSet::create(vec![RegionSpec::memfd("ram0", 1 << 20)]).expect("ram");
         let me = std::process::id() as i32;
         state.write(regions.records(), &[me], gmem_pins::PinLedger::new().snapshot()).expect("write");
         let life = state.load().expect("load").expect("a life");

@@ -115,18 +115,11 @@ impl HandoverRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::{Backing, RegionSet, RegionSpec};
+    use crate::memory::{RegionSet, RegionSpec};
 
     #[test]
     fn a_record_goes_through_a_memfd_and_names_each_fd_once() {
-        let regions = RegionSet::create(vec![RegionSpec {
-            id: "ram0".into(),
-            size: 1 << 20,
-            backing: Backing::Memfd,
-            lock: false,
-            owner: None,
-        }])
-        .expect("ram");
+        let regions = RegionSet::create(vec![RegionSpec::memfd("ram0", 1 << 20)]).expect("ram");
         let region = regions.iter().next().expect("region");
         let record = HandoverRecord {
             version: HANDOVER_VERSION,

@@ -370,18 +370,11 @@ mod tests {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::FileExt;
 
-    use crate::memory::{Backing, MemRegionDesc, MemoryTable, RegionSet, RegionSpec};
+    use crate::memory::{MemRegionDesc, MemoryTable, RegionSet, RegionSpec};
 
     /// Guest RAM with two views that touch at 1 MiB, and a hole at 2 MiB.
     fn ram() -> (RegionSet, GuestRam) {
-        let regions = RegionSet::create(vec![RegionSpec {
-            id: "r".into(),
-            size: 4 << 20,
-            backing: Backing::Memfd,
-            lock: false,
-            owner: None,
-        }])
-        .expect("regions");
+        let regions = RegionSet::create(vec![RegionSpec::memfd("r", 4 << 20)]).expect("regions");
         let region = regions.iter().next().expect("region");
         let open = || std::fs::OpenOptions::new().read(true).write(true).open(region.fd_path()).expect("open");
         let mut table = MemoryTable::default();

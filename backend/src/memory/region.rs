@@ -65,6 +65,11 @@ pub struct RegionSpec {
 }
 
 impl RegionSpec {
+    /// A plain memfd region: not locked, owned by the daemon's VM.
+    pub fn memfd(id: &str, size: u64) -> Self {
+        RegionSpec { id: id.into(), size, backing: Backing::Memfd, lock: false, owner: None }
+    }
+
     /// Whether `other` is the same memory: id, size and backing (locking
     /// and ownership may change between two starts).
     pub fn same_memory(&self, other: &RegionSpec) -> bool {
@@ -424,13 +429,9 @@ mod tests {
     use super::*;
     use vm_memory::VolatileMemory;
 
-    fn spec(id: &str, size: u64) -> RegionSpec {
-        RegionSpec { id: id.into(), size, backing: Backing::Memfd, lock: false, owner: None }
-    }
-
     #[test]
     fn memfd_region_is_sealed_and_shared() {
-        let region = GuestRegion::create(spec("ram0", 1 << 20)).expect("create");
+        let region = GuestRegion::create(RegionSpec::memfd("ram0", 1 << 20)).expect("create");
         assert_eq!(region.size(), 1 << 20);
         // Sealed: nobody can resize it, not even through a reopened path.
         let reopened = OpenOptions::new().read(true).write(true).open(region.fd_path()).expect("reopen");
@@ -448,7 +449,7 @@ mod tests {
 
     #[test]
     fn a_region_is_adopted_from_its_own_fd_only() {
-        let region = GuestRegion::create(spec("ram0", 1 << 20)).expect("create");
+        let region = GuestRegion::create(RegionSpec::memfd("ram0", 1 << 20)).expect("create");
         region.mapping().get_slice(0, 1).expect("slice").copy_from(&[0x5au8]);
         let record = region.record();
         assert!(
@@ -473,8 +474,8 @@ mod tests {
 
     #[test]
     fn rejects_sizes_that_cannot_be_mapped() {
-        assert!(matches!(GuestRegion::create(spec("z", 0)), Err(RegionError::BadSize { .. })));
-        assert!(matches!(GuestRegion::create(spec("odd", 4097)), Err(RegionError::BadSize { .. })));
+        assert!(matches!(GuestRegion::create(RegionSpec::memfd("z", 0)), Err(RegionError::BadSize { .. })));
+        assert!(matches!(GuestRegion::create(RegionSpec::memfd("odd", 4097)), Err(RegionError::BadSize { .. })));
     }
 
     #[test]

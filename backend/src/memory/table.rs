@@ -328,18 +328,15 @@ impl MemoryTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::{Backing, RegionSpec};
+    use crate::memory::RegionSpec;
     use std::fs::OpenOptions;
     use vm_memory::{Bytes, GuestMemoryBackend};
 
     const MIB: u64 = 1 << 20;
 
     fn regions() -> RegionSet {
-        RegionSet::create(vec![
-            RegionSpec { id: "ram0".into(), size: 4 * MIB, backing: Backing::Memfd, lock: false, owner: None },
-            RegionSpec { id: "ram1".into(), size: 2 * MIB, backing: Backing::Memfd, lock: false, owner: None },
-        ])
-        .expect("regions")
+        RegionSet::create(vec![RegionSpec::memfd("ram0", 4 * MIB), RegionSpec::memfd("ram1", 2 * MIB)])
+            .expect("regions")
     }
 
     /// The fd a frontend would send: its own open of the region's path.

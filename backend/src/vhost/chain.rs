@@ -103,18 +103,11 @@ impl Iterator for DescChain<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::{Backing, MemRegionDesc, MemoryTable, RegionSet, RegionSpec};
+    use crate::memory::{MemRegionDesc, MemoryTable, RegionSet, RegionSpec};
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 
     fn ram() -> (RegionSet, GuestRam) {
-        let regions = RegionSet::create(vec![RegionSpec {
-            id: "r".into(),
-            size: 1 << 20,
-            backing: Backing::Memfd,
-            lock: false,
-            owner: None,
-        }])
-        .expect("regions");
+        let regions = RegionSet::create(vec![RegionSpec::memfd("r", 1 << 20)]).expect("regions");
         let region = regions.iter().next().expect("region");
         let fd = std::fs::OpenOptions::new().read(true).write(true).open(region.fd_path()).expect("open");
         let mut table = MemoryTable::default();
