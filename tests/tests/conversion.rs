@@ -63,18 +63,18 @@ fn reserved_guest_ram_converted_back_and_forth_leaves_the_guest_and_its_io_undis
     let mut control = gmemd.client()?;
     let (region, ram) = main_ram(&mut control)?;
     let canary = vec![0xc3u8; CHUNK as usize];
-    let mut conversions = 0u32;
-    let mut round = 0u64;
+    let mut back = vec![0u8; CHUNK as usize];
+    let mut rounds = 0u64;
     // Converts while the guest writes, until it is near its end.
-    while gmem_tests::AgentResults::parse(&vm.serial_text()).progress(PROGRESS_KEY).unwrap_or(0) < BLOCKS - 2048 {
-        let at = RESERVED_AT + (round * 7 % (RESERVED_BYTES / CHUNK)) * CHUNK;
-        round += 1;
+    while rounds < 2000
+        && gmem_tests::AgentResults::parse(&vm.serial_text()).progress(PROGRESS_KEY).unwrap_or(0) < BLOCKS - 2048
+    {
+        let at = RESERVED_AT + (rounds * 7 % (RESERVED_BYTES / CHUNK)) * CHUNK;
         set_attributes(&mut control, &region, at, CHUNK, true, None)
             .with_context(|| format!("to private at {at:#x}: the guest does not use that RAM, nothing may hold it"))?;
         // What the guest would keep there while it is private.
         ram.write_all_at(&canary, at)?;
         set_attributes(&mut control, &region, at, CHUNK, false, None)?;
-        let mut back = vec![0xffu8; CHUNK as usize];
         ram.read_exact_at(&mut back, at)?;
         if let Some(at_byte) = back.iter().position(|b| *b != 0) {
             bail!(
@@ -83,11 +83,9 @@ fn reserved_guest_ram_converted_back_and_forth_leaves_the_guest_and_its_io_undis
                 back[at_byte]
             );
         }
-        conversions += 2;
-        if round > 2000 {
-            break;
-        }
+        rounds += 1;
     }
+    let conversions = 2 * rounds;
     ensure!(conversions >= 20, "only {conversions} conversions before the guest finished");
     let results = vm.wait_exit(BOOT_AND_RUN)?;
     let report = SeqioReport::from_results(&results)?;
